@@ -1,0 +1,11 @@
+// blip2-node: BLIP-2 vision-language inference for Node.js over libtorch.
+export * from './errors';
+export { Tensor, liveTensorCount } from './tensor/tensor';
+export type { TensorInput, TensorOptions } from './tensor/tensor';
+export type { DType, TensorTypedArray, TypedArrayOf } from './tensor/dtype';
+export { ScriptModule } from './runtime/script-module';
+export type { ScriptInput, ScriptOutput } from './runtime/script-module';
+export { devices, cudaAvailable, versions, setNumThreads, getNumThreads } from './runtime/device';
+export type { Versions } from './runtime/device';
+export { stats } from './runtime/stats';
+export type { RuntimeStats } from './runtime/stats';

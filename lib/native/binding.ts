@@ -1,0 +1,45 @@
+// Loads the addon (a local build/Release first, then prebuilds/) and connects its errors to ours.
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+import type { NativeBinding } from '../../typings/binding';
+import { errorFromNative } from '../errors';
+
+/** The package root, whether we run from lib/ (tsx) or dist/lib/ (compiled). */
+export function packageRoot(): string {
+  let dir = __dirname;
+  for (;;) {
+    const manifest = path.join(dir, 'package.json');
+    if (fs.existsSync(manifest)) {
+      try {
+        if (JSON.parse(fs.readFileSync(manifest, 'utf8')).name === 'blip2-node') return dir;
+      } catch {
+        // keep walking up
+      }
+    }
+    const parent = path.dirname(dir);
+    if (parent === dir) throw new Error('blip2-node: cannot find the package root above ' + __dirname);
+    dir = parent;
+  }
+}
+
+function load(): NativeBinding {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  const nodeGypBuild = require('node-gyp-build') as (dir: string) => unknown;
+  let binding: NativeBinding;
+  try {
+    binding = nodeGypBuild(packageRoot()) as NativeBinding;
+  } catch (e) {
+    const message = (e as Error).message;
+    throw new Error(
+      `blip2-node: the native addon could not be loaded (${message}).\n` +
+        'Build it with `npm rebuild blip2-node` (needs libtorch: apt-get install libtorch-dev, or a Python torch with ' +
+        'BLIP2_PYTHON set, or LIBTORCH=/path/to/libtorch).',
+      { cause: e },
+    );
+  }
+  binding.setErrorFactory(errorFromNative);
+  return binding;
+}
+
+export const binding: NativeBinding = load();

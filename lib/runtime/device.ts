@@ -1,0 +1,47 @@
+import * as fs from 'node:fs';
+import * as path from 'node:path';
+
+import { InvalidArgumentError } from '../errors';
+import { binding, packageRoot } from '../native/binding';
+
+/** Devices this process can use: 'cpu' and one 'cuda:N' per visible GPU (with a CUDA build of libtorch). */
+export function devices(): string[] {
+  return binding.devices();
+}
+
+export function cudaAvailable(): boolean {
+  return binding.devices().some((d) => d.startsWith('cuda'));
+}
+
+export interface Versions {
+  /** This package. */
+  package: string;
+  /** The libtorch the addon was compiled against. */
+  libtorch: string;
+  /** The CUDA runtime libtorch uses, or null for a CPU-only libtorch. */
+  cuda: string | null;
+}
+
+export const versions: Versions = (() => {
+  const native = binding.versions();
+  const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
+  return Object.freeze({ package: pkg.version, libtorch: native.libtorch, cuda: native.cuda });
+})();
+
+/** Sets libtorch's intra-op CPU threads (the CPU executor's thread pool); resolves to the count in effect. */
+export function setNumThreads(threads: number): Promise<number> {
+  if (!Number.isInteger(threads) || threads < 1) return Promise.reject(InvalidArgumentError.of('threads', threads, 'an integer >= 1'));
+  return binding.setNumThreads(threads);
+}
+
+export function getNumThreads(): Promise<number> {
+  return binding.getNumThreads();
+}
+
+/** Checks the form of a device string here; availability is checked natively with a DeviceError. */
+export function requireDeviceString(device: unknown, argument: string): string {
+  if (typeof device !== 'string' || !/^(cpu|cuda(:\d+)?)$/.test(device)) {
+    throw InvalidArgumentError.of(argument, device, "'cpu', 'cuda' or 'cuda:N'");
+  }
+  return device;
+}

@@ -1,0 +1,115 @@
+// blip2-node native binding: tensor handles, per-device executors, TorchScript modules.
+// The JS-facing contract is typings/binding.d.ts; lib/ is its only caller.
+#include <napi.h>
+
+#include <ATen/Parallel.h>
+#include <ATen/detail/CUDAHooksInterface.h>
+#include <torch/cuda.h>
+
+#include "core/addon_data.h"
+#include "core/async.h"
+#include "core/cancel_token.h"
+#include "core/errors.h"
+#include "core/executor.h"
+#include "core/js_channel.h"
+#include "core/script_module.h"
+#include "core/stats.h"
+#include "core/tensor.h"
+
+namespace blip2 {
+namespace {
+
+Napi::Value SetErrorFactory(const Napi::CallbackInfo& info) {
+  if (!info[0].IsFunction()) throw Napi::TypeError::New(info.Env(), "setErrorFactory expects a function");
+  AddonData::Get(info.Env())->error_factory = Napi::Persistent(info[0].As<Napi::Function>());
+  return info.Env().Undefined();
+}
+
+Napi::Value Devices(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array devices = Napi::Array::New(env);
+  devices.Set(0u, "cpu");
+  if (torch::cuda::is_available()) {
+    for (size_t i = 0; i < torch::cuda::device_count(); ++i) {
+      devices.Set(static_cast<uint32_t>(i + 1), "cuda:" + std::to_string(i));
+    }
+  }
+  return devices;
+}
+
+Napi::Value Versions(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object versions = Napi::Object::New(env);
+  versions.Set("libtorch", TORCH_VERSION);
+  const auto& cuda = at::detail::getCUDAHooks();
+  if (cuda.hasCUDART()) {
+    long v = cuda.versionCUDART();  // e.g. 12040 → "12.4"
+    versions.Set("cuda", std::to_string(v / 1000) + "." + std::to_string((v % 1000) / 10));
+  } else {
+    versions.Set("cuda", env.Null());
+  }
+#ifdef BLIP2_WITH_CUDA
+  versions.Set("builtWithCuda", true);
+#else
+  versions.Set("builtWithCuda", false);
+#endif
+  return versions;
+}
+
+Napi::Value GetStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object stats = Napi::Object::New(env);
+  stats.Set("liveTensors", static_cast<double>(TensorBox::LiveCount()));
+  stats.Set("deviceToHostBytes", static_cast<double>(Stats::device_to_host_bytes.load()));
+  stats.Set("hostToDeviceBytes", static_cast<double>(Stats::host_to_device_bytes.load()));
+  stats.Set("kvCacheAllocations", static_cast<double>(Stats::kv_cache_allocations.load()));
+  stats.Set("kvCacheBytes", static_cast<double>(Stats::kv_cache_bytes.load()));
+  stats.Set("generatedTokens", static_cast<double>(Stats::generated_tokens.load()));
+  stats.Set("pendingCpuTasks", static_cast<double>(Executor::For(c10::Device(c10::kCPU)).pending()));
+  return stats;
+}
+
+// Intra-op threads are per issuing thread under OpenMP, so the setting is made on the executor.
+Napi::Value SetNumThreads(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return GuardJs(env, [&]() -> Napi::Value {
+    double n = info[0].IsNumber() ? info[0].As<Napi::Number>().DoubleValue() : -1;
+    if (n < 1 || n > 1024 || n != static_cast<double>(static_cast<int>(n))) {
+      throw InvalidArgument("threads", info[0].ToString().Utf8Value(), "an integer from 1 to 1024");
+    }
+    int threads = static_cast<int>(n);
+    return RunAsync<int>(
+        env, c10::Device(c10::kCPU), [threads]() { at::set_num_threads(threads); return at::get_num_threads(); },
+        [](Napi::Env env, int& result) -> Napi::Value { return Napi::Number::New(env, result); });
+  });
+}
+
+Napi::Value GetNumThreads(const Napi::CallbackInfo& info) {
+  return RunAsync<int>(
+      info.Env(), c10::Device(c10::kCPU), []() { return at::get_num_threads(); },
+      [](Napi::Env env, int& result) -> Napi::Value { return Napi::Number::New(env, result); });
+}
+
+}  // namespace
+
+Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  auto* data = new AddonData();
+  env.SetInstanceData(data);
+  data->channel = JsChannel::Create(env);
+  exports.Set("NativeTensor", NativeTensor::Init(env));
+  exports.Set("NativeScriptModule", NativeScriptModule::Init(env));
+  exports.Set("NativeCancelToken", NativeCancelToken::Init(env));
+  exports.Set("setErrorFactory", Napi::Function::New(env, SetErrorFactory, "setErrorFactory"));
+  exports.Set("devices", Napi::Function::New(env, Devices, "devices"));
+  exports.Set("versions", Napi::Function::New(env, Versions, "versions"));
+  exports.Set("stats", Napi::Function::New(env, GetStats, "stats"));
+  exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads, "setNumThreads"));
+  exports.Set("getNumThreads", Napi::Function::New(env, GetNumThreads, "getNumThreads"));
+  return exports;
+}
+
+}  // namespace blip2
+
+static Napi::Object InitAddon(Napi::Env env, Napi::Object exports) { return blip2::Init(env, exports); }
+
+NODE_API_MODULE(blip2_node, InitAddon)

@@ -1,0 +1,17 @@
+// Process-wide counters that let tests prove the data-movement promises of the design.
+#pragma once
+
+#include <atomic>
+#include <cstdint>
+
+namespace blip2 {
+
+struct Stats {
+  static inline std::atomic<int64_t> device_to_host_bytes{0};
+  static inline std::atomic<int64_t> host_to_device_bytes{0};
+  static inline std::atomic<int64_t> kv_cache_allocations{0};
+  static inline std::atomic<int64_t> kv_cache_bytes{0};
+  static inline std::atomic<int64_t> generated_tokens{0};
+};
+
+}  // namespace blip2
