@@ -9,3 +9,9 @@ export { devices, cudaAvailable, versions, setNumThreads, getNumThreads } from '
 export type { Versions } from './runtime/device';
 export { stats } from './runtime/stats';
 export type { RuntimeStats } from './runtime/stats';
+export { Blip2ForConditionalGeneration } from './models/blip2/modeling-blip2';
+export type { Blip2Inputs, FromPretrainedOptions, GenerateOutput } from './models/blip2/modeling-blip2';
+export type { Blip2Config, GenerationConfig } from './models/blip2/configuration';
+export type { GenerateOptions, GenerationStep } from './generation/options';
+export { readModelFolder } from './models/model-folder';
+export type { Manifest, ModelFolder } from './models/model-folder';

@@ -6,6 +6,7 @@
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <torch/cuda.h>
 
+#include "blip2/blip2_model.h"
 #include "core/addon_data.h"
 #include "core/async.h"
 #include "core/cancel_token.h"
@@ -65,6 +66,8 @@ Napi::Value GetStats(const Napi::CallbackInfo& info) {
   stats.Set("kvCacheAllocations", static_cast<double>(Stats::kv_cache_allocations.load()));
   stats.Set("kvCacheBytes", static_cast<double>(Stats::kv_cache_bytes.load()));
   stats.Set("generatedTokens", static_cast<double>(Stats::generated_tokens.load()));
+  stats.Set("decodeHostReadBytes", static_cast<double>(Stats::decode_host_read_bytes.load()));
+  stats.Set("decodeSteps", static_cast<double>(Stats::decode_steps.load()));
   stats.Set("pendingCpuTasks", static_cast<double>(Executor::For(c10::Device(c10::kCPU)).pending()));
   return stats;
 }
@@ -99,6 +102,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("NativeTensor", NativeTensor::Init(env));
   exports.Set("NativeScriptModule", NativeScriptModule::Init(env));
   exports.Set("NativeCancelToken", NativeCancelToken::Init(env));
+  exports.Set("NativeBlip2Model", NativeBlip2Model::Init(env));
   exports.Set("setErrorFactory", Napi::Function::New(env, SetErrorFactory, "setErrorFactory"));
   exports.Set("devices", Napi::Function::New(env, Devices, "devices"));
   exports.Set("versions", Napi::Function::New(env, Versions, "versions"));

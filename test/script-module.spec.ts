@@ -5,6 +5,7 @@ import * as path from 'node:path';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 
 import { AbortError, DisposedError, InvalidArgumentError, ModelLoadError, ScriptModule, Tensor, TorchError, liveTensorCount } from '../lib';
+import { settleFinalizers } from './support/gc';
 import { testModulePath } from './support/python';
 
 describe('ScriptModule (TorchScript saved by Python torch)', () => {
@@ -104,6 +105,7 @@ describe('ScriptModule (TorchScript saved by Python torch)', () => {
   });
 
   it('200 concurrent jobs all complete with the right results', async () => {
+    await settleFinalizers();
     const before = liveTensorCount();
     const results = await Promise.all(
       Array.from({ length: 200 }, async (_, i) => {

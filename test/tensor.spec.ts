@@ -14,15 +14,7 @@ import {
   versions,
 } from '../lib';
 
-const gc = (globalThis as { gc?: () => void }).gc;
-
-async function settleFinalizers(): Promise<void> {
-  // Finalizers of wrapped objects run after the collection, from the event loop.
-  for (let i = 0; i < 4; i++) {
-    gc?.();
-    await new Promise((resolve) => setImmediate(resolve));
-  }
-}
+import { gcAvailable, settleFinalizers } from './support/gc';
 
 describe('Tensor', () => {
   describe('round trips (one copy in, one copy out)', () => {
@@ -169,7 +161,8 @@ describe('Tensor', () => {
       assert.equal(String(t), 'Tensor(disposed)');
     });
 
-    it('dispose frees native memory at once', () => {
+    it('dispose frees native memory at once', async () => {
+      await settleFinalizers();
       const before = liveTensorCount();
       const tensors = Array.from({ length: 50 }, () => Tensor.from(new Float32Array(1000)));
       assert.equal(liveTensorCount(), before + 50);
@@ -177,7 +170,8 @@ describe('Tensor', () => {
       assert.equal(liveTensorCount(), before);
     });
 
-    it('`using` disposes at the end of the scope', () => {
+    it('`using` disposes at the end of the scope', async () => {
+      await settleFinalizers();
       const before = liveTensorCount();
       {
         const t = Tensor.from(new Float32Array(4));
@@ -194,7 +188,7 @@ describe('Tensor', () => {
     });
 
     it('the finalizer frees tensors nobody disposed', async function () {
-      if (!gc) this.skip();
+      if (!gcAvailable) this.skip();
       await settleFinalizers();
       const before = liveTensorCount();
       (() => {

@@ -60,6 +60,9 @@ export interface NativeStats {
   kvCacheAllocations: number;
   kvCacheBytes: number;
   generatedTokens: number;
+  /** Bytes the decoding loops read from tensors into host memory (the chosen ids), on any device. */
+  decodeHostReadBytes: number;
+  decodeSteps: number;
   pendingCpuTasks: number;
 }
 
@@ -69,16 +72,115 @@ export interface NativeVersions {
   builtWithCuda: boolean;
 }
 
+/** 8-bit interleaved pixels as decoded: channels 1 = grey, 2 = grey + alpha, 3 = RGB, 4 = RGBA; rows packed. */
+export interface NativeImage {
+  data: Uint8Array;
+  width: number;
+  height: number;
+  channels: 1 | 2 | 3 | 4;
+}
+
+export interface NativePreprocessOptions {
+  /** PIL-exact resize of the RGB image (PIL's resample number 0..5); null keeps the size (all images must then match). */
+  resize: { width: number; height: number; filter: number } | null;
+  /** 3 x 256 values: lut[c * 256 + v] is the final value (rescaled and normalized) of level v in channel c. */
+  lut: Float32Array;
+  /** A floating dtype; default float32. */
+  dtype?: NativeDType;
+  /** Default 'cpu'. */
+  device?: string;
+  /** Images with more pixels are rejected; default 100,000,000. */
+  maxPixels?: number;
+}
+
+/** What lib reads from manifest.json for the native runtime (native code parses no JSON). */
+export interface NativeModelSpec {
+  architecture: 'opt';
+  imageEncoderPath: string;
+  languageModelPath: string;
+  device: string;
+  /** The dtype to run in (the export's, or a cast of it). */
+  dtype: NativeDType;
+  numLayers: number;
+  numHeads: number;
+  headDim: number;
+  embedDim: number;
+  vocabSize: number;
+  maxLength: number;
+  numQueryTokens: number;
+  imageHeight: number;
+  imageWidth: number;
+  imageTokenIndex: number | null;
+  bosTokenId: number;
+}
+
+/** Generation options after lib merged them with generation_config.json and validated them. */
+export interface NativeGenerateOptions {
+  maxNewTokens: number;
+  minNewTokens: number;
+  doSample: boolean;
+  temperature: number;
+  topK: number;
+  topP: number;
+  repetitionPenalty: number;
+  numBeams: number;
+  lengthPenalty: number;
+  earlyStopping: boolean | 'never';
+  numReturnSequences: number;
+  eosTokenId: number[];
+  padTokenId: number;
+  seed?: number;
+}
+
+/** New tokens of one decoding step: `tokens[i]` extends sequence `sequences[i]`. */
+export interface NativeStepEvent {
+  step: number;
+  sequences: number[];
+  tokens: number[];
+}
+
+export interface NativeGenerateResult {
+  /** [rows, promptLength + newTokens] int64 on the CPU. */
+  sequences: NativeTensor;
+  /** Beam search only: [rows] float32, the length-normalised score of each returned sequence. */
+  sequencesScores: NativeTensor | null;
+}
+
+export interface NativeBlip2Model {
+  readonly device: string;
+  readonly dtype: NativeDType;
+  /** pixel values → language_model_inputs [B, Q, E] (vision model, Q-Former, projection). */
+  encodeImages(pixelValues: NativeTensor, cancelToken?: NativeCancelToken): Promise<NativeTensor>;
+  /** Hugging Face's forward: logits [B, T (+Q for inputs without <image> tokens), V] float32. */
+  forward(pixelValues: NativeTensor, inputIds: NativeTensor | null, attentionMask: NativeTensor | null,
+    cancelToken?: NativeCancelToken): Promise<NativeTensor>;
+  /** Runs on the device's executor, one decoding step per slice; `onStep` sees each step's tokens (not for beam search). */
+  generate(pixelValues: NativeTensor, inputIds: NativeTensor | null, attentionMask: NativeTensor | null,
+    options: NativeGenerateOptions, onStep: ((event: NativeStepEvent) => void) | null,
+    cancelToken?: NativeCancelToken): Promise<NativeGenerateResult>;
+  dispose(): void;
+}
+
+export interface NativeBlip2ModelConstructor {
+  load(spec: NativeModelSpec, cancelToken?: NativeCancelToken): Promise<NativeBlip2Model>;
+}
+
 export type ErrorFactory = (code: string, message: string, details: Record<string, string>) => Error;
 
 export interface NativeBinding {
   NativeTensor: NativeTensorConstructor;
   NativeScriptModule: NativeScriptModuleConstructor;
   NativeCancelToken: new () => NativeCancelToken;
+  NativeBlip2Model: NativeBlip2ModelConstructor;
   setErrorFactory(factory: ErrorFactory): void;
   devices(): string[];
   versions(): NativeVersions;
   stats(): NativeStats;
   setNumThreads(threads: number): Promise<number>;
   getNumThreads(): Promise<number>;
+  /**
+   * BlipImageProcessor's pixel pipeline: convert("RGB") (alpha dropped) and PIL-exact resize on a CPU pool,
+   * then one step on the device's executor (upload uint8, LUT, [B,3,H,W], cast). Errors name the image index.
+   */
+  preprocessImages(images: NativeImage[], options: NativePreprocessOptions, cancelToken?: NativeCancelToken): Promise<NativeTensor>;
 }

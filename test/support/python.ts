@@ -1,4 +1,4 @@
-import { execFileSync } from 'node:child_process';
+import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
@@ -37,4 +37,33 @@ export function testModulePath(): string {
   return cached('ops.pt', (out) => {
     execFileSync(pythonWithTorch(), [script, out], { stdio: 'inherit' });
   }, [script]);
+}
+
+export const FIXTURES_DIR = path.join(REPO_ROOT, 'test', 'fixtures');
+export const TINY_OPT_CHECKPOINT = path.join(FIXTURES_DIR, 'tiny-opt');
+
+/** Runs the exporter (python -m blip2_export) with `args`; throws with its stderr on failure. */
+export function runExporter(args: string[]): string {
+  const result = spawnSync(pythonWithTorch(), ['-m', 'blip2_export', ...args], {
+    cwd: path.join(REPO_ROOT, 'export'),
+    encoding: 'utf8',
+  });
+  if (result.status !== 0) throw new Error(`exporter failed (${result.status}): ${result.stderr}`);
+  return result.stderr;
+}
+
+/** Python snippet with the exporter package importable. */
+export function runPython(code: string): string {
+  return execFileSync(pythonWithTorch(), ['-c', code], { cwd: path.join(REPO_ROOT, 'export'), encoding: 'utf8' });
+}
+
+/** The fixture checkpoint exported once per change of the exporter or the fixture (test/.cache). */
+export function tinyOptModel(): string {
+  return cached('tiny-opt-model', (out) => runExporter([TINY_OPT_CHECKPOINT, out]), exporterInputs());
+}
+
+export function exporterInputs(): string[] {
+  const dir = path.join(REPO_ROOT, 'export', 'blip2_export');
+  return fs.readdirSync(dir).filter((f) => f.endsWith('.py')).map((f) => path.join(dir, f))
+    .concat([path.join(TINY_OPT_CHECKPOINT, 'model.safetensors'), path.join(TINY_OPT_CHECKPOINT, 'config.json')]);
 }

@@ -1,0 +1,220 @@
+#include "blip2/runtime.h"
+
+#include <algorithm>
+
+#include "core/errors.h"
+#include "core/stats.h"
+#include "core/tensor.h"
+
+namespace blip2 {
+
+int64_t FirstSlotIfConsecutive(const std::vector<int64_t>& slots) {
+  for (size_t i = 1; i < slots.size(); ++i) {
+    if (slots[i] != slots[0] + static_cast<int64_t>(i)) return -1;
+  }
+  return slots.empty() ? -1 : slots[0];
+}
+
+KvCache::KvCache(const ModelSpec& spec, int64_t slots, int64_t max_length) {
+  // Zeros, not empty(): a value row past a sequence's length is multiplied by probability 0, and
+  // 0 * NaN from uninitialised memory would still be NaN.
+  cache_ = at::zeros({spec.num_layers, 2, slots, spec.num_heads, max_length, spec.head_dim},
+                     at::TensorOptions().dtype(spec.dtype).device(spec.device));
+  Stats::kv_cache_allocations += 1;
+  Stats::kv_cache_bytes += static_cast<int64_t>(cache_.nbytes());
+}
+
+void KvCache::CopySlots(const std::vector<int64_t>& source, const std::vector<int64_t>& destination, int64_t length) {
+  if (source.empty()) return;
+  auto options = at::TensorOptions().dtype(at::kLong);
+  at::Tensor src = at::tensor(source, options).to(cache_.device());
+  at::Tensor dst = at::tensor(destination, options).to(cache_.device());
+  at::Tensor filled = cache_.narrow(4, 0, length);
+  // index_select copies first, so overlapping source and destination slots are safe.
+  filled.index_copy_(2, dst, filled.index_select(2, src));
+}
+
+Blip2Runtime::Blip2Runtime(ModelSpec spec, std::shared_ptr<LoadedModule> image_encoder,
+                           std::shared_ptr<LoadedModule> language_model)
+    : spec_(std::move(spec)),
+      image_encoder_(std::move(image_encoder)),
+      language_model_(std::move(language_model)),
+      embed_tokens_(language_model_->module.get_method("embed_tokens")),
+      forward_full_(language_model_->module.get_method("forward_full")),
+      forward_cached_(language_model_->module.get_method("forward_cached")),
+      decode_(language_model_->module.get_method("decode")) {}
+
+std::shared_ptr<Blip2Runtime> Blip2Runtime::Load(const ModelSpec& spec) {
+  auto image_encoder = LoadedModule::Load(spec.image_encoder_path, spec.device);
+  auto language_model = LoadedModule::Load(spec.language_model_path, spec.device);
+  for (const char* method : {"embed_tokens", "forward_full", "forward_cached", "decode"}) {
+    if (!language_model->methods.count(method)) {
+      throw Error(ErrorCode::kModelLoad,
+                  "model file '" + spec.language_model_path + "' has no method '" + method +
+                      "'; it was not written by a compatible blip2-node exporter",
+                  {{"file", spec.language_model_path}});
+    }
+  }
+  if (!image_encoder->methods.count("forward")) {
+    throw Error(ErrorCode::kModelLoad, "model file '" + spec.image_encoder_path + "' has no method 'forward'",
+                {{"file", spec.image_encoder_path}});
+  }
+  // A model may run in another dtype than it was exported in (float32 export → bfloat16 run).
+  for (auto* loaded : {image_encoder.get(), language_model.get()}) {
+    bool matches = true;
+    for (const auto& parameter : loaded->module.parameters()) {
+      if (parameter.is_floating_point() && parameter.scalar_type() != spec.dtype) matches = false;
+    }
+    if (!matches) loaded->module.to(spec.dtype);
+  }
+  return std::shared_ptr<Blip2Runtime>(new Blip2Runtime(spec, std::move(image_encoder), std::move(language_model)));
+}
+
+at::Tensor Blip2Runtime::ToDevice(const std::vector<int64_t>& values) const {
+  return at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(spec_.device);
+}
+
+at::Tensor Blip2Runtime::EncodeImages(const at::Tensor& pixel_values) {
+  at::Tensor pixels = pixel_values.to(spec_.device, spec_.dtype);
+  return image_encoder_->module.forward({pixels}).toTensor();
+}
+
+at::Tensor Blip2Runtime::ResolveInputIds(const std::optional<at::Tensor>& input_ids, int64_t batch) const {
+  if (!input_ids) {
+    // Hugging Face: caption from BOS alone, after the image placeholders when the model has them.
+    std::vector<int64_t> start;
+    if (spec_.image_token_index) start.assign(spec_.num_query_tokens, *spec_.image_token_index);
+    start.push_back(spec_.bos_token_id);
+    return at::tensor(start, at::TensorOptions().dtype(at::kLong)).unsqueeze(0).repeat({batch, 1});
+  }
+  at::Tensor ids = input_ids->to(at::kCPU).to(at::kLong).contiguous();
+  if (ids.numel() > 0) {
+    int64_t low = ids.min().item<int64_t>();
+    int64_t high = ids.max().item<int64_t>();
+    if (low < 0 || high >= spec_.vocab_size) {
+      int64_t bad = low < 0 ? low : high;
+      throw InvalidArgument("inputs.inputIds", "a tensor containing the id " + std::to_string(bad),
+                            "token ids in [0, " + std::to_string(spec_.vocab_size) + ") (the model's vocabulary)");
+    }
+  }
+  return ids;
+}
+
+at::Tensor Blip2Runtime::ResolveAttentionMask(const std::optional<at::Tensor>& attention_mask, const at::Tensor& input_ids) const {
+  if (!attention_mask) return at::ones_like(input_ids);
+  at::Tensor mask = attention_mask->to(at::kCPU).to(at::kLong).contiguous();
+  if (mask.numel() > 0 && (mask.min().item<int64_t>() < 0 || mask.max().item<int64_t>() > 1)) {
+    throw InvalidArgument("inputs.attentionMask", "a tensor with values other than 0 and 1", "a mask of 0s and 1s");
+  }
+  return mask;
+}
+
+std::vector<int64_t> Blip2Runtime::ImageTokenCounts(const at::Tensor& input_ids) const {
+  std::vector<int64_t> counts(input_ids.size(0), 0);
+  if (!spec_.image_token_index) return counts;
+  at::Tensor per_row = input_ids.eq(*spec_.image_token_index).sum(1);
+  for (int64_t b = 0; b < input_ids.size(0); ++b) {
+    counts[b] = per_row[b].item<int64_t>();
+    if (counts[b] != 0 && counts[b] != spec_.num_query_tokens) {
+      throw InvalidArgument("inputs.inputIds", "row " + std::to_string(b) + " with " + std::to_string(counts[b]) + " image tokens",
+                            "0 or num_query_tokens (" + std::to_string(spec_.num_query_tokens) +
+                                ") <image> tokens per row (Blip2Processor inserts them)");
+    }
+  }
+  return counts;
+}
+
+at::Tensor Blip2Runtime::EmbedTokens(const at::Tensor& input_ids_cpu) {
+  return embed_tokens_({input_ids_cpu.to(spec_.device)}).toTensor();
+}
+
+PreparedPrompts Blip2Runtime::Prepare(const at::Tensor& query_embeds, const at::Tensor& input_ids,
+                                      const at::Tensor& attention_mask) {
+  const int64_t batch = input_ids.size(0);
+  std::vector<int64_t> image_tokens = ImageTokenCounts(input_ids);
+  at::Tensor text_embeds = EmbedTokens(input_ids);  // [B,T,E]
+  std::vector<at::Tensor> rows;
+  PreparedPrompts prepared;
+  prepared.input_ids = input_ids;
+  for (int64_t b = 0; b < batch; ++b) {
+    // Dropping the pads puts every real token at the position OPT gives it (cumsum of the mask).
+    std::vector<int64_t> kept;
+    auto mask_row = attention_mask[b];
+    auto mask_data = mask_row.data_ptr<int64_t>();
+    for (int64_t t = 0; t < input_ids.size(1); ++t) {
+      if (mask_data[t] != 0) kept.push_back(t);
+    }
+    at::Tensor row = text_embeds[b].index_select(0, ToDevice(kept));  // [T_b, E]
+    if (image_tokens[b] > 0) {
+      // The query embeddings take the places of the <image> tokens, in order.
+      std::vector<int64_t> image_positions;
+      auto ids = input_ids[b].data_ptr<int64_t>();
+      for (size_t i = 0; i < kept.size(); ++i) {
+        if (ids[kept[i]] == *spec_.image_token_index) image_positions.push_back(static_cast<int64_t>(i));
+      }
+      if (static_cast<int64_t>(image_positions.size()) != spec_.num_query_tokens) {
+        throw InvalidArgument("inputs.attentionMask", "a mask hiding some <image> tokens of row " + std::to_string(b),
+                              "the image tokens to be attended (mask 1)");
+      }
+      row = row.index_copy(0, ToDevice(image_positions), query_embeds[b].to(row.scalar_type()));
+    } else {
+      row = at::cat({query_embeds[b].to(row.scalar_type()), row}, 0);  // pre-4.45 checkpoints: prepend
+    }
+    prepared.lengths.push_back(row.size(0));
+    rows.push_back(row);
+  }
+  int64_t longest = *std::max_element(prepared.lengths.begin(), prepared.lengths.end());
+  prepared.inputs_embeds = at::zeros({batch, longest, spec_.embed_dim}, text_embeds.options());
+  for (int64_t b = 0; b < batch; ++b) prepared.inputs_embeds[b].narrow(0, 0, prepared.lengths[b]).copy_(rows[b]);
+  return prepared;
+}
+
+at::Tensor Blip2Runtime::Forward(const at::Tensor& pixel_values, const std::optional<at::Tensor>& input_ids_arg,
+                                 const std::optional<at::Tensor>& attention_mask_arg) {
+  const int64_t batch = pixel_values.size(0);
+  at::Tensor input_ids = ResolveInputIds(input_ids_arg, batch);
+  at::Tensor attention_mask = ResolveAttentionMask(attention_mask_arg, input_ids);
+  std::vector<int64_t> image_tokens = ImageTokenCounts(input_ids);
+  bool all_expanded = std::all_of(image_tokens.begin(), image_tokens.end(), [&](int64_t c) { return c > 0; });
+  bool none_expanded = std::all_of(image_tokens.begin(), image_tokens.end(), [](int64_t c) { return c == 0; });
+  if (!all_expanded && !none_expanded) {
+    throw InvalidArgument("inputs.inputIds", "a batch where only some rows carry <image> tokens",
+                          "every row with num_query_tokens <image> tokens, or none");
+  }
+  at::Tensor query_embeds = EncodeImages(pixel_values);
+  at::Tensor embeds = EmbedTokens(input_ids);
+  at::Tensor mask = attention_mask.to(spec_.device);
+  if (all_expanded) {
+    // masked_scatter fills the image positions in row-major order: row b gets its own queries.
+    at::Tensor positions = input_ids.eq(*spec_.image_token_index).to(spec_.device).unsqueeze(-1);
+    embeds = embeds.masked_scatter(positions, query_embeds.to(embeds.scalar_type()));
+  } else {
+    embeds = at::cat({query_embeds.to(embeds.scalar_type()), embeds}, 1);
+    mask = at::cat({at::ones({batch, spec_.num_query_tokens}, mask.options()), mask}, 1);
+  }
+  return forward_full_({embeds, mask}).toTensor();
+}
+
+at::Tensor Blip2Runtime::Prefill(KvCache& cache, const PreparedPrompts& prompts, const std::vector<int64_t>& slots) {
+  const int64_t batch = prompts.inputs_embeds.size(0);
+  std::vector<int64_t> last(batch);
+  for (int64_t b = 0; b < batch; ++b) last[b] = prompts.lengths[b] - 1;
+  std::vector<c10::IValue> args{cache.tensor(),
+                                prompts.inputs_embeds,
+                                ToDevice(slots),
+                                at::zeros({batch}, at::TensorOptions().dtype(at::kLong).device(spec_.device)),
+                                prompts.inputs_embeds.size(1),
+                                ToDevice(last),
+                                FirstSlotIfConsecutive(slots)};
+  return forward_cached_(std::move(args)).toTensor();
+}
+
+at::Tensor Blip2Runtime::Decode(KvCache& cache, const at::Tensor& tokens, const std::vector<int64_t>& slots,
+                                const std::vector<int64_t>& positions) {
+  int64_t kv_len = *std::max_element(positions.begin(), positions.end()) + 1;
+  std::vector<c10::IValue> args{cache.tensor(), tokens, ToDevice(slots), ToDevice(positions), kv_len,
+                                FirstSlotIfConsecutive(slots)};
+  return decode_(std::move(args)).toTensor();
+}
+
+}  // namespace blip2

@@ -1,0 +1,80 @@
+// The executor-side half of a loaded BLIP-2 model: TorchScript modules plus the orchestration
+// around them (merging query embeddings into the prompt, the KV cache, prefill, decode steps).
+// Every method runs on the model device's executor thread.
+#pragma once
+
+#include <memory>
+#include <optional>
+#include <vector>
+
+#include "blip2/model_spec.h"
+#include "core/script_module.h"
+#include "core/torch_includes.h"
+
+namespace blip2 {
+
+// A batch of prompts ready for prefill: compacted (pads dropped), with the query embeddings in
+// place of the <image> tokens or prepended to rows that have none (pre-4.45 checkpoints).
+struct PreparedPrompts {
+  at::Tensor inputs_embeds;      // [B, Tmax, E], right-padded, model dtype
+  std::vector<int64_t> lengths;  // real positions per row
+  at::Tensor input_ids;          // [B, T] int64 on the CPU, as the caller gave them (pads included)
+};
+
+class KvCache {
+ public:
+  KvCache(const ModelSpec& spec, int64_t slots, int64_t max_length);
+  at::Tensor& tensor() { return cache_; }
+  int64_t slots() const { return cache_.size(2); }
+  int64_t max_length() const { return cache_.size(4); }
+  // Slots `destination[i]` ← slots `source[i]` over the first `length` positions (beam reordering
+  // and fan-out of one prefilled prompt to several sequences); one gather + one scatter.
+  void CopySlots(const std::vector<int64_t>& source, const std::vector<int64_t>& destination, int64_t length);
+
+ private:
+  at::Tensor cache_;  // [layers, 2, slots, heads, max_length, head_dim]
+};
+
+class Blip2Runtime {
+ public:
+  static std::shared_ptr<Blip2Runtime> Load(const ModelSpec& spec);
+
+  const ModelSpec& spec() const { return spec_; }
+
+  // pixel_values [B,3,H,W] (any float dtype, any device) → language_model_inputs [B,Q,E].
+  at::Tensor EncodeImages(const at::Tensor& pixel_values);
+  // Validated input ids [B,T] on the CPU: the caller's, or HF's default prompt when absent.
+  at::Tensor ResolveInputIds(const std::optional<at::Tensor>& input_ids, int64_t batch) const;
+  at::Tensor ResolveAttentionMask(const std::optional<at::Tensor>& attention_mask, const at::Tensor& input_ids) const;
+  PreparedPrompts Prepare(const at::Tensor& query_embeds, const at::Tensor& input_ids, const at::Tensor& attention_mask);
+  // Hugging Face's forward: logits over the whole (uncompacted) sequence, [B, T(+Q), V] float32.
+  at::Tensor Forward(const at::Tensor& pixel_values, const std::optional<at::Tensor>& input_ids,
+                     const std::optional<at::Tensor>& attention_mask);
+
+  // Writes the prompts into `slots` (fresh, positions from 0) and returns the logits of each
+  // prompt's last position, [B, V] float32.
+  at::Tensor Prefill(KvCache& cache, const PreparedPrompts& prompts, const std::vector<int64_t>& slots);
+  // One token per row at positions[i] of slots[i]; returns [N, V] float32.
+  at::Tensor Decode(KvCache& cache, const at::Tensor& tokens, const std::vector<int64_t>& slots,
+                    const std::vector<int64_t>& positions);
+
+ private:
+  Blip2Runtime(ModelSpec spec, std::shared_ptr<LoadedModule> image_encoder, std::shared_ptr<LoadedModule> language_model);
+  at::Tensor EmbedTokens(const at::Tensor& input_ids_cpu);
+  at::Tensor ToDevice(const std::vector<int64_t>& values) const;
+  // Counts of <image> tokens per row; throws unless each is 0 or num_query_tokens.
+  std::vector<int64_t> ImageTokenCounts(const at::Tensor& input_ids) const;
+
+  ModelSpec spec_;
+  std::shared_ptr<LoadedModule> image_encoder_;
+  std::shared_ptr<LoadedModule> language_model_;
+  torch::jit::Method embed_tokens_;
+  torch::jit::Method forward_full_;
+  torch::jit::Method forward_cached_;
+  torch::jit::Method decode_;
+};
+
+// Consecutive slots are read through views by the language model; otherwise gathered.
+int64_t FirstSlotIfConsecutive(const std::vector<int64_t>& slots);
+
+}  // namespace blip2
