@@ -23,11 +23,14 @@ export class InvalidArgumentError extends Blip2Error {
   readonly argument?: string;
   readonly value?: string;
   readonly expected?: string;
+  /** For batched inputs: the position of the offending item (image or text). */
+  readonly index?: number;
   constructor(message: string, details: ErrorDetails = {}, code = 'ERR_BLIP2_INVALID_ARGUMENT') {
     super(message, code);
     this.argument = details.argument;
     this.value = details.value;
     this.expected = details.expected;
+    if (details.index !== undefined) this.index = details.index;
   }
 
   /** "argument 'maxNewTokens' is 0; expected an integer >= 1" */

@@ -15,3 +15,8 @@ export type { Blip2Config, GenerationConfig } from './models/blip2/configuration
 export type { GenerateOptions, GenerationStep } from './generation/options';
 export { readModelFolder } from './models/model-folder';
 export type { Manifest, ModelFolder } from './models/model-folder';
+export { Blip2Processor, BlipImageProcessor, PreTrainedTokenizer, IMAGE_TOKEN, decodeImage } from './processing';
+export type {
+  Blip2ProcessorOutput, ProcessOptions, BlipImageProcessorConfig, PixelDType, PreprocessOptions, BatchEncoding, DecodeOptions,
+  PaddingStrategy, TruncationStrategy, TokenizeOptions, TokenIds, DecodedImage, ImageInput, RawImage,
+} from './processing';

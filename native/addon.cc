@@ -16,6 +16,7 @@
 #include "core/script_module.h"
 #include "core/stats.h"
 #include "core/tensor.h"
+#include "image/preprocess.h"
 
 namespace blip2 {
 namespace {
@@ -109,6 +110,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("stats", Napi::Function::New(env, GetStats, "stats"));
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads, "setNumThreads"));
   exports.Set("getNumThreads", Napi::Function::New(env, GetNumThreads, "getNumThreads"));
+  exports.Set("preprocessImages", Napi::Function::New(env, image::PreprocessImages, "preprocessImages"));
   return exports;
 }
 

@@ -122,27 +122,32 @@ describe('ScriptModule (TorchScript saved by Python torch)', () => {
   });
 
   it('keeps the event loop responsive (max delay < 50 ms) while a multi-second native job runs', async function () {
-    // Calibrate (after a warm-up call, which also runs TorchScript's optimisation passes):
-    // find an iteration count that takes about 2 s on this machine.
+    // Calibrate (after a warm-up call, which also runs TorchScript's optimisation passes): aim at
+    // ~2 s, and on a busy machine where the estimate was off, run longer until the job lasts > 1 s.
     await ops.call('busy', [20]);
     const probeStart = performance.now();
     await ops.call('busy', [400]);
-    const perIteration = (performance.now() - probeStart) / 400;
-    const iterations = Math.ceil(2000 / Math.max(perIteration, 0.001));
-
-    const histogram = monitorEventLoopDelay({ resolution: 5 });
-    const started = performance.now();
-    histogram.enable();
-    let ticks = 0;
-    const timer = setInterval(() => ticks++, 10);
-    await ops.call('busy', [iterations]);
-    clearInterval(timer);
-    histogram.disable();
-    const elapsed = performance.now() - started;
-    const maxDelayMs = histogram.max / 1e6;
-    assert.ok(elapsed > 1000, `the job took ${elapsed.toFixed(0)} ms; it should be multi-second`);
-    assert.ok(maxDelayMs < 50, `max event-loop delay ${maxDelayMs.toFixed(1)} ms over a ${elapsed.toFixed(0)} ms job`);
-    assert.ok(ticks > elapsed / 10 / 3, `only ${ticks} timer ticks in ${elapsed.toFixed(0)} ms`);
+    let iterations = Math.ceil(2000 / Math.max((performance.now() - probeStart) / 400, 0.001));
+    for (let attempt = 0; ; attempt++) {
+      const histogram = monitorEventLoopDelay({ resolution: 5 });
+      const started = performance.now();
+      histogram.enable();
+      let ticks = 0;
+      const timer = setInterval(() => ticks++, 10);
+      await ops.call('busy', [iterations]);
+      clearInterval(timer);
+      histogram.disable();
+      const elapsed = performance.now() - started;
+      if (elapsed < 1000 && attempt < 4) {
+        iterations *= 2;
+        continue;
+      }
+      const maxDelayMs = histogram.max / 1e6;
+      assert.ok(elapsed > 1000, `the job took ${elapsed.toFixed(0)} ms; it should be multi-second`);
+      assert.ok(maxDelayMs < 50, `max event-loop delay ${maxDelayMs.toFixed(1)} ms over a ${elapsed.toFixed(0)} ms job`);
+      assert.ok(ticks > elapsed / 10 / 3, `only ${ticks} timer ticks in ${elapsed.toFixed(0)} ms`);
+      break;
+    }
   });
 
   it('an AbortSignal rejects with AbortError, before start and while queued', async () => {

@@ -78,6 +78,10 @@ export interface NativeImage {
   width: number;
   height: number;
   channels: 1 | 2 | 3 | 4;
+  /** 4 channels of raw C, M, Y, K: converted with PIL's CMYK → RGB formula. */
+  cmyk?: boolean;
+  /** RGBA pixels with alpha 0 take this colour before alpha is dropped (a GIF's transparent index in PIL). */
+  transparentColour?: [number, number, number];
 }
 
 export interface NativePreprocessOptions {

@@ -11,6 +11,12 @@ export interface SafeTensor {
   data: Float32Array | Float64Array | Uint16Array | BigInt64Array | Int32Array | Int16Array | Int8Array | Uint8Array;
 }
 
+interface Entry {
+  dtype: SafeDType;
+  shape: number[];
+  data_offsets: [number, number];
+}
+
 const ELEMENT_BYTES: Record<SafeDType, number> = { F32: 4, F64: 8, F16: 2, BF16: 2, I64: 8, I32: 4, I16: 2, I8: 1, U8: 1, BOOL: 1 };
 
 export class SafeTensorsFile {
@@ -18,7 +24,7 @@ export class SafeTensorsFile {
   readonly metadata: Record<string, string>;
   readonly #buffer: Buffer;
   readonly #dataStart: number;
-  readonly #entries: Record<string, { dtype: SafeDType; shape: number[]; data_offsets: [number, number] }>;
+  readonly #entries: Record<string, Entry>;
 
   constructor(path: string) {
     this.#buffer = fs.readFileSync(path);
@@ -27,7 +33,7 @@ export class SafeTensorsFile {
     this.#dataStart = 8 + headerLength;
     this.metadata = (header.__metadata__ ?? {}) as Record<string, string>;
     delete header.__metadata__;
-    this.#entries = header as SafeTensorsFile['#entries'];
+    this.#entries = header as Record<string, Entry>;
     this.names = Object.keys(header).sort();
   }
 
