@@ -1,8 +1,10 @@
 #include "blip2/runtime.h"
 
 #include <algorithm>
+#include <cstdlib>
 
 #include "core/errors.h"
+#include "core/graph_passes.h"
 #include "core/stats.h"
 #include "core/tensor.h"
 
@@ -66,6 +68,9 @@ std::shared_ptr<Blip2Runtime> Blip2Runtime::Load(const ModelSpec& spec) {
       if (parameter.is_floating_point() && parameter.scalar_type() != spec.dtype) matches = false;
     }
     if (!matches) loaded->module.to(spec.dtype);
+  }
+  if (spec.device.is_cpu() && spec.dtype == at::kFloat && std::getenv("BLIP2_NO_ONEDNN") == nullptr) {
+    for (const char* method : {"decode", "forward_cached"}) UseOneDnnLinears(language_model->module, method);
   }
   return std::shared_ptr<Blip2Runtime>(new Blip2Runtime(spec, std::move(image_encoder), std::move(language_model)));
 }

@@ -96,8 +96,8 @@ export class Blip2ForConditionalGeneration {
   get device(): string {
     return this.#native.device;
   }
-  get dtype(): NativeDType {
-    return this.#native.dtype;
+  get dtype(): 'float32' | 'float16' | 'bfloat16' {
+    return this.#native.dtype as 'float32' | 'float16' | 'bfloat16';
   }
 
   /** Query embeddings in the language model's space, [B, num_query_tokens, hidden] (vision → Q-Former → projection). */
