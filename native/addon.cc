@@ -69,6 +69,7 @@ Napi::Value GetStats(const Napi::CallbackInfo& info) {
   stats.Set("generatedTokens", static_cast<double>(Stats::generated_tokens.load()));
   stats.Set("decodeHostReadBytes", static_cast<double>(Stats::decode_host_read_bytes.load()));
   stats.Set("decodeSteps", static_cast<double>(Stats::decode_steps.load()));
+  stats.Set("oneDnnLinears", static_cast<double>(Stats::onednn_linears.load()));
   stats.Set("pendingCpuTasks", static_cast<double>(Executor::For(c10::Device(c10::kCPU)).pending()));
   return stats;
 }

@@ -63,6 +63,8 @@ export interface NativeStats {
   /** Bytes the decoding loops read from tensors into host memory (the chosen ids), on any device. */
   decodeHostReadBytes: number;
   decodeSteps: number;
+  /** Linears of loaded models that run one-row CPU products through oneDNN (see native/core/graph_passes.h). */
+  oneDnnLinears: number;
   pendingCpuTasks: number;
 }
 

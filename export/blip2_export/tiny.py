@@ -1,6 +1,6 @@
 """Seeded random BLIP-2 OPT checkpoints in Hugging Face's folder format, for tests and benchmarks.
 
-    python -m blip2_export.tiny <out-dir> [--preset tiny|mid] [--seed N] [--legacy]
+    python -m blip2_export.tiny <out-dir> [--preset tiny|small|mid] [--seed N] [--legacy]
 
 Writes config.json (Blip2Config, like the shared tiny-opt fixture), model.safetensors (no lm_head:
 tied), a byte-level BPE tokenizer (tokenizer.json in the same structure as the fixture's, plus the
@@ -40,6 +40,16 @@ PRESETS = {
         text=dict(hidden_size=48, ffn_dim=96, num_hidden_layers=2, num_attention_heads=4,
                   max_position_embeddings=128, vocab_size=392),
         num_query_tokens=6, n_merges=120),
+    # Small: language-model matrices of 512x512 and more (the size the runtime hands one-row CPU
+    # products to oneDNN from), still quick to export and run in tests.
+    "small": dict(
+        vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                    image_size=56, patch_size=14),
+        qformer=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     cross_attention_frequency=2, max_position_embeddings=64),
+        text=dict(hidden_size=512, ffn_dim=2048, num_hidden_layers=2, num_attention_heads=8,
+                  max_position_embeddings=128, vocab_size=1024),
+        num_query_tokens=8, n_merges=300),
     # Mid-size: real BLIP-2 OPT structure at about 150M parameters.
     "mid": dict(
         vision=dict(hidden_size=384, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=6,

@@ -1,5 +1,7 @@
 #include "core/graph_passes.h"
 
+#include "core/stats.h"
+
 #include <torch/csrc/jit/api/module.h>
 #include <torch/csrc/jit/ir/ir.h>
 #include <torch/csrc/jit/passes/inliner.h>
@@ -39,6 +41,7 @@ graph(%x, %w, %b):
   for (size_t at = text.find("aten::mkldnn_linear("); at != std::string::npos; at = text.find("aten::mkldnn_linear(", at + 1)) {
     ++rewritten;
   }
+  Stats::onednn_linears += rewritten;
   return rewritten;
 }
 

@@ -67,3 +67,11 @@ export function exporterInputs(): string[] {
   return fs.readdirSync(dir).filter((f) => f.endsWith('.py')).map((f) => path.join(dir, f))
     .concat([path.join(TINY_OPT_CHECKPOINT, 'model.safetensors'), path.join(TINY_OPT_CHECKPOINT, 'config.json')]);
 }
+
+/** A seeded 'small' random checkpoint (LM matrices >= 512x512) exported once (test/.cache). */
+export function smallModel(): string {
+  const checkpoint = cached('small-checkpoint', (out) => {
+    runPython(`from blip2_export.tiny import write_checkpoint; write_checkpoint(${JSON.stringify(out)}, "small", 5)`);
+  }, exporterInputs());
+  return cached('small-model', (out) => runExporter([checkpoint, out]), [path.join(checkpoint, 'model.safetensors')]);
+}
