@@ -105,7 +105,7 @@ describe('generate: options, stopping, sampling, streaming, errors', () => {
     it('numReturnSequences returns the best hypotheses in order of score', async () => {
       const out = await model.generate({ pixelValues: pixels }, { maxNewTokens: 8, numBeams: 4, numReturnSequences: 3, returnDictInGenerate: true });
       assert.deepEqual(out.sequences.shape, [3, 7 + 8]);
-      const scores = Array.from(await out.sequencesScores!.toArray());
+      const scores = await out.sequencesScores!.toList();
       assert.ok(scores[0] >= scores[1] && scores[1] >= scores[2], `scores ${scores}`);
       const [best] = await rowsOf(out.sequences);
       const [alone] = await rowsOf(await model.generate({ pixelValues: pixels }, { maxNewTokens: 8, numBeams: 4 }));

@@ -1,22 +1,8 @@
 import { strict as assert } from 'node:assert';
-import * as fs from 'node:fs';
-import * as os from 'node:os';
-import * as path from 'node:path';
 
-import {
-  AbortError,
-  Blip2ForConditionalGeneration,
-  DTypeError,
-  DisposedError,
-  InvalidArgumentError,
-  ModelLoadError,
-  ShapeError,
-  Tensor,
-  liveTensorCount,
-  stats,
-} from '../lib';
+import { Blip2ForConditionalGeneration, Tensor, stats } from '../lib';
 import { expected, fixtureFloats, fixtureTensor, ids, maxAbsDiff, rowsOf } from './support/fixtures';
-import { TINY_OPT_CHECKPOINT, cached, exporterInputs, runExporter, runPython, tinyOptModel } from './support/python';
+import { tinyOptModel } from './support/python';
 
 const LOGITS_TOLERANCE = 1e-4; // the bound for forward logits (we measure the actual max below)
 

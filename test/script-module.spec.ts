@@ -26,26 +26,26 @@ describe('ScriptModule (TorchScript saved by Python torch)', () => {
     const y = (await ops.call('forward', [x])) as Tensor;
     assert.ok(y instanceof Tensor);
     assert.deepEqual(y.shape, [3, 3]);
-    assert.deepEqual(Array.from(await y.toArray()), [0, 1, 2, 3, 4, 5, 3, 5, 7]);
+    assert.deepEqual(await y.toList(), [0, 1, 2, 3, 4, 5, 3, 5, 7]);
   });
 
   it('passes floats, ints, bools, lists, optionals and default arguments', async () => {
     const a = Tensor.from([1, 2]);
     const b = Tensor.from([10, 20]);
-    assert.deepEqual(Array.from(await ((await ops.call('add_scaled', [a, b, 0.5])) as Tensor).toArray()), [6, 12]);
-    assert.deepEqual(Array.from(await ((await ops.call('add_scaled', [a, b])) as Tensor).toArray()), [11, 22]);
+    assert.deepEqual(await ((await ops.call('add_scaled', [a, b, 0.5])) as Tensor).toList(), [6, 12]);
+    assert.deepEqual(await ((await ops.call('add_scaled', [a, b])) as Tensor).toList(), [11, 22]);
     const summed = (await ops.call('sum_list', [[a, b, a]])) as Tensor;
-    assert.deepEqual(Array.from(await summed.toArray()), [12, 24]);
+    assert.deepEqual(await summed.toList(), [12, 24]);
     const reshaped = (await ops.call('reshape_to', [Tensor.from(new Float32Array(6)), [3, 2]])) as Tensor;
     assert.deepEqual(reshaped.shape, [3, 2]);
-    assert.deepEqual(Array.from(await ((await ops.call('maybe_scale', [a, null])) as Tensor).toArray()), [1, 2]);
-    assert.deepEqual(Array.from(await ((await ops.call('maybe_scale', [a, 3])) as Tensor).toArray()), [3, 6]);
+    assert.deepEqual(await ((await ops.call('maybe_scale', [a, null])) as Tensor).toList(), [1, 2]);
+    assert.deepEqual(await ((await ops.call('maybe_scale', [a, 3])) as Tensor).toList(), [3, 6]);
   });
 
   it('returns tuples and lists as arrays, scalars as numbers, strings and booleans', async () => {
     const pair = (await ops.call('split_pair', [Tensor.from([[1, 2], [3, 4]])])) as Tensor[];
     assert.equal(pair.length, 2);
-    assert.deepEqual(Array.from(await pair[1].toArray()), [3, 4]);
+    assert.deepEqual(await pair[1].toList(), [3, 4]);
     const described = await ops.call('describe', [Tensor.from([1.5, 2]), 21, false]);
     assert.deepEqual(described, [42, 3.5, true, 'ok', [21, 22]]);
   });
@@ -53,7 +53,7 @@ describe('ScriptModule (TorchScript saved by Python torch)', () => {
   it('in-place writes by a method are visible in the tensor the caller passed', async () => {
     const cache = Tensor.from(new Float32Array(6), [3, 2]);
     await ops.call('write_slot', [cache, Tensor.from([7, 8]), 1]);
-    assert.deepEqual(Array.from(await cache.toArray()), [0, 0, 7, 8, 0, 0]);
+    assert.deepEqual(await cache.toList(), [0, 0, 7, 8, 0, 0]);
   });
 
   it('an error raised inside TorchScript becomes a TorchError, and the module keeps working', async () => {
@@ -66,7 +66,7 @@ describe('ScriptModule (TorchScript saved by Python torch)', () => {
     // A shape error raised by libtorch itself.
     await assert.rejects(ops.call('forward', [Tensor.from([[1, 2, 3]])]), TorchError);
     const y = (await ops.call('forward', [Tensor.from([[1, 1]])])) as Tensor;
-    assert.deepEqual(Array.from(await y.toArray()), [3, 5, 7]);
+    assert.deepEqual(await y.toList(), [3, 5, 7]);
   });
 
   it('rejects arguments that do not fit the schema with typed errors naming them', async () => {
@@ -111,7 +111,7 @@ describe('ScriptModule (TorchScript saved by Python torch)', () => {
       Array.from({ length: 200 }, async (_, i) => {
         const a = Tensor.from([i, 2 * i]);
         const out = (await ops.call('add_scaled', [a, a, 1.0])) as Tensor;
-        const values = Array.from(await out.toArray());
+        const values = await out.toList();
         a.dispose();
         out.dispose();
         return values;

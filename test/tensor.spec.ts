@@ -50,17 +50,17 @@ describe('Tensor', () => {
       const source = new Float32Array([1, 2, 3]);
       const t = Tensor.from(source);
       source[0] = 100;
-      assert.deepEqual(Array.from(await t.toArray()), [1, 2, 3]);
+      assert.deepEqual(await t.toList(), [1, 2, 3]);
     });
 
     it('respects byteOffset of typed array views and Buffers', async () => {
       const backing = new Float32Array([9, 9, 1, 2, 3, 9]);
       const view = new Float32Array(backing.buffer, 8, 3);
-      assert.deepEqual(Array.from(await Tensor.from(view).toArray()), [1, 2, 3]);
+      assert.deepEqual(await Tensor.from(view).toList(), [1, 2, 3]);
       const buf = Buffer.from([7, 8, 9, 10]).subarray(1, 3);
       const u8 = Tensor.from(buf);
       assert.equal(u8.dtype, 'uint8');
-      assert.deepEqual(Array.from(await u8.toArray()), [8, 9]);
+      assert.deepEqual(await u8.toList(), [8, 9]);
     });
 
     it('infers shape and dtype from nested JS arrays', async () => {
@@ -68,10 +68,10 @@ describe('Tensor', () => {
       assert.deepEqual(t.shape, [2, 3]);
       assert.equal(t.dtype, 'float32');
       const ids = Tensor.from([[1, 2], [3, 4]], undefined, { dtype: 'int64' });
-      assert.deepEqual(Array.from(await ids.toArray()), [1n, 2n, 3n, 4n]);
+      assert.deepEqual(await ids.toList(), [1n, 2n, 3n, 4n]);
       const flags = Tensor.from([true, false, true]);
       assert.equal(flags.dtype, 'bool');
-      assert.deepEqual(Array.from(await flags.toArray()), [1, 0, 1]);
+      assert.deepEqual(await flags.toList(), [1, 0, 1]);
       const big = Tensor.from([1n, -2n]);
       assert.equal(big.dtype, 'int64');
     });
@@ -79,7 +79,7 @@ describe('Tensor', () => {
     it('handles scalars and empty tensors', async () => {
       const scalar = Tensor.from(new Float32Array([7]), []);
       assert.deepEqual(scalar.shape, []);
-      assert.deepEqual(Array.from(await scalar.toArray()), [7]);
+      assert.deepEqual(await scalar.toList(), [7]);
       const empty = Tensor.from(new Float32Array(0), [0, 5]);
       assert.deepEqual(empty.shape, [0, 5]);
       assert.equal((await empty.toArray()).length, 0);
@@ -89,15 +89,17 @@ describe('Tensor', () => {
       const t = Tensor.from(new Float32Array([1, -2, 0.5]));
       const half = await t.to({ dtype: 'float16' });
       assert.equal(half.dtype, 'float16');
-      assert.deepEqual(Array.from(await half.toArray()), [0x3c00, 0xc000, 0x3800]);
+      assert.deepEqual(Array.from((await half.toArray()) as Uint16Array), [0x3c00, 0xc000, 0x3800]);
+      assert.deepEqual(await half.toList(), [1, -2, 0.5]);
       const bf = await t.to({ dtype: 'bfloat16' });
-      assert.deepEqual(Array.from(await bf.toArray()), [0x3f80, 0xc000, 0x3f00]);
+      assert.deepEqual(Array.from((await bf.toArray()) as Uint16Array), [0x3f80, 0xc000, 0x3f00]);
+      assert.deepEqual(await bf.toList(), [1, -2, 0.5]);
       const back = await half.to({ dtype: 'float32' });
-      assert.deepEqual(Array.from(await back.toArray()), [1, -2, 0.5]);
+      assert.deepEqual(await back.toList(), [1, -2, 0.5]);
       const i64 = Tensor.from(new Float32Array([1.9, -1.9]), [2], { dtype: 'int64' });
-      assert.deepEqual(Array.from(await i64.toArray()), [1n, -1n]);
+      assert.deepEqual(await i64.toList(), [1n, -1n]);
       const same = await t.to('cpu');
-      assert.deepEqual(Array.from(await same.toArray()), [1, -2, 0.5]);
+      assert.deepEqual(await same.toList(), [1, -2, 0.5]);
     });
   });
 
@@ -184,7 +186,7 @@ describe('Tensor', () => {
       const t = Tensor.from(new Float32Array([4, 5, 6]));
       const pending = t.to({ dtype: 'float64' });
       t.dispose();
-      assert.deepEqual(Array.from(await (await pending).toArray()), [4, 5, 6]);
+      assert.deepEqual(await (await pending).toList(), [4, 5, 6]);
     });
 
     it('the finalizer frees tensors nobody disposed', async function () {

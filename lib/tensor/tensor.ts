@@ -79,6 +79,19 @@ export class Tensor<D extends DType = DType> {
     return this.#native.toArray() as Promise<TypedArrayOf[D]>;
   }
 
+  /**
+   * The values as a flat JS array, like PyTorch's tolist() but flat (shape gives the layout):
+   * numbers, or bigints for int64; float16/bfloat16 decoded to their values, bool as 0/1.
+   */
+  async toList(): Promise<D extends 'int64' ? bigint[] : number[]> {
+    const data = (await this.#native.toArray()) as ArrayLike<number | bigint>;
+    const dtype = this.#native.dtype;
+    type Out = D extends 'int64' ? bigint[] : number[];
+    if (dtype === 'float16') return Array.from(data as Uint16Array, halfToNumber) as Out;
+    if (dtype === 'bfloat16') return Array.from(data as Uint16Array, bfloat16ToNumber) as Out;
+    return Array.from(data) as Out;
+  }
+
   /** Copies to another device and/or dtype; the same device and dtype give a new handle to the same memory. */
   async to(target: string | { device?: string; dtype?: DType }): Promise<Tensor> {
     const spec = typeof target === 'string' ? { device: target } : target;
@@ -107,6 +120,22 @@ export class Tensor<D extends DType = DType> {
     if (native.disposed) throw new DisposedError(`argument '${argument}' is a Tensor that has been disposed`);
     return native;
   }
+}
+
+const bitsView = new DataView(new ArrayBuffer(4));
+
+function bfloat16ToNumber(bits: number): number {
+  bitsView.setUint32(0, bits << 16);
+  return bitsView.getFloat32(0);
+}
+
+function halfToNumber(bits: number): number {
+  const sign = bits & 0x8000 ? -1 : 1;
+  const exponent = (bits >> 10) & 0x1f;
+  const fraction = bits & 0x3ff;
+  if (exponent === 0) return sign * fraction * 2 ** -24;
+  if (exponent === 0x1f) return fraction ? NaN : sign * Infinity;
+  return sign * (1 + fraction / 1024) * 2 ** (exponent - 15);
 }
 
 /** Number of tensors alive in native memory (for leak checks). */

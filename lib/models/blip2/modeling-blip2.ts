@@ -28,9 +28,9 @@ export interface Blip2Inputs {
 
 export interface GenerateOutput {
   /** [rows, promptLength + newTokens] int64 on the CPU: the input ids, then the new ids. */
-  sequences: Tensor;
+  sequences: Tensor<'int64'>;
   /** Beam search: [rows] float32 length-normalised log-probabilities; null otherwise. */
-  sequencesScores: Tensor | null;
+  sequencesScores: Tensor<'float32'> | null;
 }
 
 const NativeModel = binding.NativeBlip2Model;
@@ -106,10 +106,10 @@ export class Blip2ForConditionalGeneration {
   }
 
   /** transformers' forward: `logits` [B, T, V] over every position (image positions included). */
-  forward(inputs: Blip2Inputs, options: { signal?: AbortSignal } = {}): Promise<{ logits: Tensor }> {
+  forward(inputs: Blip2Inputs, options: { signal?: AbortSignal } = {}): Promise<{ logits: Tensor<'float32'> }> {
     return this.#run(options.signal, async (token) => {
       const [pixels, ids, mask] = nativeInputs(inputs);
-      return { logits: Tensor.fromNative(await this.#native.forward(pixels, ids, mask, token)) };
+      return { logits: Tensor.fromNative<'float32'>(await this.#native.forward(pixels, ids, mask, token)) };
     }, ({ logits }) => logits.dispose());
   }
 
@@ -118,8 +118,8 @@ export class Blip2ForConditionalGeneration {
    * int64 sequences [B·numReturnSequences, T + new], the input ids followed by the new ids.
    */
   generate(inputs: Blip2Inputs, options: GenerateOptions & { returnDictInGenerate: true }): Promise<GenerateOutput>;
-  generate(inputs: Blip2Inputs, options?: GenerateOptions): Promise<Tensor>;
-  generate(inputs: Blip2Inputs, options: GenerateOptions = {}): Promise<Tensor | GenerateOutput> {
+  generate(inputs: Blip2Inputs, options?: GenerateOptions): Promise<Tensor<'int64'>>;
+  generate(inputs: Blip2Inputs, options: GenerateOptions = {}): Promise<Tensor<'int64'> | GenerateOutput> {
     let resolved;
     try {
       resolved = resolveGenerateOptions(options, {
@@ -152,8 +152,8 @@ export class Blip2ForConditionalGeneration {
       const [pixels, ids, mask] = nativeInputs(inputs);
       const out = await this.#native.generate(pixels, ids, mask, resolved, onStep, token);
       return {
-        sequences: Tensor.fromNative(out.sequences),
-        sequencesScores: out.sequencesScores ? Tensor.fromNative(out.sequencesScores) : null,
+        sequences: Tensor.fromNative<'int64'>(out.sequences),
+        sequencesScores: out.sequencesScores ? Tensor.fromNative<'float32'>(out.sequencesScores) : null,
       };
     }, (late) => {
       late.sequences.dispose();
