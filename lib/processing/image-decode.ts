@@ -18,6 +18,8 @@ import * as fs from 'node:fs/promises';
 
 import sharp from 'sharp';
 
+import type { NativeImage } from '../../typings/binding';
+
 import { ImageDecodeError, InvalidArgumentError, describeValue } from '../errors';
 
 /** 8-bit interleaved pixels: channels 1 = grey, 2 = grey + alpha, 3 = RGB, 4 = RGBA; rows packed. */
@@ -43,16 +45,8 @@ export interface DecodeOptions {
   index?: number;
 }
 
-/** Decoded pixels, plus what the decoder saw. */
-export interface DecodedImage {
-  data: Uint8Array;
-  width: number;
-  height: number;
-  channels: 1 | 2 | 3 | 4;
-  /** The 4 channels are raw CMYK (the native step converts them with PIL's formula). */
-  cmyk?: boolean;
-  /** RGBA pixels with alpha 0 show this colour in PIL (a GIF's transparent palette entry). */
-  transparentColour?: [number, number, number];
+/** Decoded pixels as the native step takes them (NativeImage), plus what the decoder saw. */
+export interface DecodedImage extends NativeImage {
   /** sharp's name of the container ('jpeg', 'png', ...) or 'raw'. */
   format: string;
   /** True when the source was a palette image or CMYK (not plain RGB even before conversion). */
