@@ -10,10 +10,6 @@ namespace blip2 {
 
 namespace {
 
-at::Tensor LongTensor(const std::vector<int64_t>& values, const c10::Device& device) {
-  return at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(device);
-}
-
 bool Contains(const std::vector<int64_t>& values, int64_t value) {
   return std::find(values.begin(), values.end(), value) != values.end();
 }
@@ -94,8 +90,7 @@ void GenerationTask::Start() {
     active_.push_back(i);
   }
   generated_.assign(sequences, {});
-  finished_.assign(sequences, false);
-  if (!options_.eos_token_ids.empty()) eos_ids_ = LongTensor(options_.eos_token_ids, spec.device);
+  if (!options_.eos_token_ids.empty()) eos_ids_ = LongTensorOn(options_.eos_token_ids, spec.device);
   if (options_.repetition_penalty != 1.0) {
     // Hugging Face penalises every id of input_ids (prompt, <image> placeholders and pads included).
     seen_ = at::zeros({sequences, spec.vocab_size}, at::TensorOptions().dtype(at::kBool).device(spec.device));
@@ -128,21 +123,25 @@ void GenerationTask::Advance() {
   }
 }
 
-void GenerationTask::ReadTokens(const at::Tensor& tokens, std::vector<int64_t>& out) {
-  at::Tensor host = tokens.to(at::kCPU, at::kLong).contiguous();
+at::Tensor GenerationTask::ReadToHost(const at::Tensor& tensor) const {
+  at::Tensor host = tensor.to(at::kCPU).contiguous();
   Stats::decode_host_read_bytes += static_cast<int64_t>(host.nbytes());
-  if (!tokens.device().is_cpu()) Stats::device_to_host_bytes += static_cast<int64_t>(host.nbytes());
-  out.assign(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
+  if (!tensor.device().is_cpu()) Stats::device_to_host_bytes += static_cast<int64_t>(host.nbytes());
+  return host;
+}
+
+at::Tensor GenerationTask::ApplyProcessors(at::Tensor scores, const at::Tensor& rows) const {
+  if (seen_.defined()) scores = ApplyRepetitionPenalty(scores, seen_.index_select(0, rows), options_.repetition_penalty);
+  if (steps_ < options_.min_new_tokens && eos_ids_.defined()) scores = SuppressTokens(scores, eos_ids_);
+  return scores;
 }
 
 void GenerationTask::ChooseTokens(const at::Tensor& logits) {
   const c10::Device device = runtime_->spec().device;
-  at::Tensor rows = LongTensor(active_, device);
-  at::Tensor scores = logits;
+  at::Tensor rows = LongTensorOn(active_, device);
   // Hugging Face's order: processors (repetition penalty, minimum new tokens), then the sampling
   // warpers (temperature, top-k, top-p).
-  if (seen_.defined()) scores = ApplyRepetitionPenalty(scores, seen_.index_select(0, rows), options_.repetition_penalty);
-  if (steps_ < options_.min_new_tokens && eos_ids_.defined()) scores = SuppressTokens(scores, eos_ids_);
+  at::Tensor scores = ApplyProcessors(logits, rows);
   at::Tensor chosen;
   if (options_.do_sample) {
     scores = ApplyTopP(ApplyTopK(ApplyTemperature(scores, options_.temperature), options_.top_k), options_.top_p);
@@ -150,8 +149,8 @@ void GenerationTask::ChooseTokens(const at::Tensor& logits) {
   } else {
     chosen = scores.argmax(-1);
   }
-  std::vector<int64_t> tokens;
-  ReadTokens(chosen, tokens);  // the only data the host reads in a step
+  at::Tensor host = ReadToHost(chosen);  // the only data the host reads in a step
+  std::vector<int64_t> tokens(host.data_ptr<int64_t>(), host.data_ptr<int64_t>() + host.numel());
   steps_ += 1;
   Stats::generated_tokens += static_cast<int64_t>(tokens.size());
   if (seen_.defined()) seen_.index_put_({rows, chosen}, at::scalar_tensor(true, seen_.options()));
@@ -163,9 +162,7 @@ void GenerationTask::ChooseTokens(const at::Tensor& logits) {
     int64_t row = active_[i];
     was_active[row] = true;
     generated_[row].push_back(tokens[i]);
-    if (Contains(options_.eos_token_ids, tokens[i])) {
-      finished_[row] = true;
-    } else {
+    if (!Contains(options_.eos_token_ids, tokens[i])) {
       still_active.push_back(row);
       keep.push_back(static_cast<int64_t>(i));
     }
@@ -174,7 +171,7 @@ void GenerationTask::ChooseTokens(const at::Tensor& logits) {
     if (!was_active[row]) generated_[row].push_back(options_.pad_token_id);
   }
   PostStep(active_, tokens);
-  next_tokens_ = keep.size() == active_.size() ? chosen : chosen.index_select(0, LongTensor(keep, device));
+  next_tokens_ = keep.size() == active_.size() ? chosen : chosen.index_select(0, LongTensorOn(keep, device));
   active_ = std::move(still_active);
 }
 
@@ -182,20 +179,16 @@ void GenerationTask::ChooseBeams(const at::Tensor& logits) {
   const c10::Device device = runtime_->spec().device;
   const int64_t beams = options_.num_beams;
   const int64_t vocab = logits.size(1);
-  at::Tensor rows = LongTensor(active_, device);
-  at::Tensor scores = logits.log_softmax(-1);
-  if (seen_.defined()) scores = ApplyRepetitionPenalty(scores, seen_.index_select(0, rows), options_.repetition_penalty);
-  if (steps_ < options_.min_new_tokens && eos_ids_.defined()) scores = SuppressTokens(scores, eos_ids_);
+  at::Tensor rows = LongTensorOn(active_, device);
+  at::Tensor scores = ApplyProcessors(logits.log_softmax(-1), rows);
   std::vector<float> active_scores;
   for (int64_t row : active_) active_scores.push_back(beam_scores_[row]);
   scores = scores + at::tensor(active_scores).to(device).unsqueeze(1);
   const int64_t groups = static_cast<int64_t>(active_.size()) / beams;
   const int64_t k = std::max<int64_t>(2, 1 + static_cast<int64_t>(options_.eos_token_ids.size())) * beams;
   auto top = scores.view({groups, beams * vocab}).topk(std::min(k, beams * vocab), 1, /*largest=*/true, /*sorted=*/true);
-  at::Tensor top_scores = std::get<0>(top).to(at::kCPU).contiguous();
-  at::Tensor top_indices = std::get<1>(top).to(at::kCPU).contiguous();
-  Stats::decode_host_read_bytes += static_cast<int64_t>(top_scores.nbytes() + top_indices.nbytes());
-  if (!device.is_cpu()) Stats::device_to_host_bytes += static_cast<int64_t>(top_scores.nbytes() + top_indices.nbytes());
+  at::Tensor top_scores = ReadToHost(std::get<0>(top));
+  at::Tensor top_indices = ReadToHost(std::get<1>(top));
   const int64_t kept = top_scores.size(1);
   const float* score_data = top_scores.data_ptr<float>();
   const int64_t* index_data = top_indices.data_ptr<int64_t>();
@@ -239,14 +232,14 @@ void GenerationTask::ChooseBeams(const at::Tensor& logits) {
   }
   cache_->CopySlots(moved_from, moved_to, filled);
   if (seen_.defined()) {
-    at::Tensor to = LongTensor(destinations, device);
-    seen_.index_copy_(0, to, seen_.index_select(0, LongTensor(parents, device)));
+    at::Tensor to = LongTensorOn(destinations, device);
+    seen_.index_copy_(0, to, seen_.index_select(0, LongTensorOn(parents, device)));
     std::vector<int64_t> chosen;
     for (int64_t row : destinations) chosen.push_back(generated_[row].back());
-    seen_.index_put_({to, LongTensor(chosen, device)}, at::scalar_tensor(true, seen_.options()));
+    seen_.index_put_({to, LongTensorOn(chosen, device)}, at::scalar_tensor(true, seen_.options()));
   }
   active_ = std::move(next_active);
-  if (!active_.empty()) next_tokens_ = LongTensor(next_tokens, device);
+  if (!active_.empty()) next_tokens_ = LongTensorOn(next_tokens, device);
 }
 
 bool GenerationTask::Finished() const {

@@ -45,7 +45,10 @@ class GenerationTask : public Task {
   bool Finished() const;
   at::Tensor Sequences();
   void Settle(std::exception_ptr failure);
-  void ReadTokens(const at::Tensor& tokens, std::vector<int64_t>& out);
+  // Repetition penalty and minimum new tokens, on the scores of the active rows.
+  at::Tensor ApplyProcessors(at::Tensor scores, const at::Tensor& rows) const;
+  // Every read the decoding loop makes from device tensors goes through here (and is counted).
+  at::Tensor ReadToHost(const at::Tensor& tensor) const;
   void PostStep(const std::vector<int64_t>& rows, const std::vector<int64_t>& tokens);
 
   std::shared_ptr<Blip2Runtime> runtime_;
@@ -65,7 +68,6 @@ class GenerationTask : public Task {
   std::unique_ptr<KvCache> cache_;
   std::vector<int64_t> lengths_;                  // cache positions filled, per sequence
   std::vector<std::vector<int64_t>> generated_;   // per sequence
-  std::vector<bool> finished_;                    // greedy/sample: per sequence
   std::vector<int64_t> active_;                   // sequences decoded in the next step
   at::Tensor next_tokens_;                        // [active] on the device: the next decode input
   at::Tensor seen_;                               // [N, V] bool, for the repetition penalty

@@ -10,6 +10,10 @@
 
 namespace blip2 {
 
+at::Tensor LongTensorOn(const std::vector<int64_t>& values, const c10::Device& device) {
+  return at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(device);
+}
+
 int64_t FirstSlotIfConsecutive(const std::vector<int64_t>& slots) {
   for (size_t i = 1; i < slots.size(); ++i) {
     if (slots[i] != slots[0] + static_cast<int64_t>(i)) return -1;
@@ -28,9 +32,8 @@ KvCache::KvCache(const ModelSpec& spec, int64_t slots, int64_t max_length) {
 
 void KvCache::CopySlots(const std::vector<int64_t>& source, const std::vector<int64_t>& destination, int64_t length) {
   if (source.empty()) return;
-  auto options = at::TensorOptions().dtype(at::kLong);
-  at::Tensor src = at::tensor(source, options).to(cache_.device());
-  at::Tensor dst = at::tensor(destination, options).to(cache_.device());
+  at::Tensor src = LongTensorOn(source, cache_.device());
+  at::Tensor dst = LongTensorOn(destination, cache_.device());
   at::Tensor filled = cache_.narrow(4, 0, length);
   // index_select copies first, so overlapping source and destination slots are safe.
   filled.index_copy_(2, dst, filled.index_select(2, src));
@@ -73,10 +76,6 @@ std::shared_ptr<Blip2Runtime> Blip2Runtime::Load(const ModelSpec& spec) {
     for (const char* method : {"decode", "forward_cached"}) UseOneDnnLinears(language_model->module, method);
   }
   return std::shared_ptr<Blip2Runtime>(new Blip2Runtime(spec, std::move(image_encoder), std::move(language_model)));
-}
-
-at::Tensor Blip2Runtime::ToDevice(const std::vector<int64_t>& values) const {
-  return at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(spec_.device);
 }
 
 at::Tensor Blip2Runtime::EncodeImages(const at::Tensor& pixel_values) {
@@ -149,7 +148,7 @@ PreparedPrompts Blip2Runtime::Prepare(const at::Tensor& query_embeds, const at::
     for (int64_t t = 0; t < input_ids.size(1); ++t) {
       if (mask_data[t] != 0) kept.push_back(t);
     }
-    at::Tensor row = text_embeds[b].index_select(0, ToDevice(kept));  // [T_b, E]
+    at::Tensor row = text_embeds[b].index_select(0, LongTensorOn(kept, spec_.device));  // [T_b, E]
     if (image_tokens[b] > 0) {
       // The query embeddings take the places of the <image> tokens, in order.
       std::vector<int64_t> image_positions;
@@ -161,7 +160,7 @@ PreparedPrompts Blip2Runtime::Prepare(const at::Tensor& query_embeds, const at::
         throw InvalidArgument("inputs.attentionMask", "a mask hiding some <image> tokens of row " + std::to_string(b),
                               "the image tokens to be attended (mask 1)");
       }
-      row = row.index_copy(0, ToDevice(image_positions), query_embeds[b].to(row.scalar_type()));
+      row = row.index_copy(0, LongTensorOn(image_positions, spec_.device), query_embeds[b].to(row.scalar_type()));
     } else {
       row = at::cat({query_embeds[b].to(row.scalar_type()), row}, 0);  // pre-4.45 checkpoints: prepend
     }
@@ -206,10 +205,10 @@ at::Tensor Blip2Runtime::Prefill(KvCache& cache, const PreparedPrompts& prompts,
   for (int64_t b = 0; b < batch; ++b) last[b] = prompts.lengths[b] - 1;
   std::vector<c10::IValue> args{cache.tensor(),
                                 prompts.inputs_embeds,
-                                ToDevice(slots),
+                                LongTensorOn(slots, spec_.device),
                                 at::zeros({batch}, at::TensorOptions().dtype(at::kLong).device(spec_.device)),
                                 prompts.inputs_embeds.size(1),
-                                ToDevice(last),
+                                LongTensorOn(last, spec_.device),
                                 FirstSlotIfConsecutive(slots)};
   return forward_cached_(std::move(args)).toTensor();
 }
@@ -217,7 +216,7 @@ at::Tensor Blip2Runtime::Prefill(KvCache& cache, const PreparedPrompts& prompts,
 at::Tensor Blip2Runtime::Decode(KvCache& cache, const at::Tensor& tokens, const std::vector<int64_t>& slots,
                                 const std::vector<int64_t>& positions) {
   int64_t kv_len = *std::max_element(positions.begin(), positions.end()) + 1;
-  std::vector<c10::IValue> args{cache.tensor(), tokens, ToDevice(slots), ToDevice(positions), kv_len,
+  std::vector<c10::IValue> args{cache.tensor(), tokens, LongTensorOn(slots, spec_.device), LongTensorOn(positions, spec_.device), kv_len,
                                 FirstSlotIfConsecutive(slots)};
   return decode_(std::move(args)).toTensor();
 }

@@ -61,7 +61,6 @@ class Blip2Runtime {
  private:
   Blip2Runtime(ModelSpec spec, std::shared_ptr<LoadedModule> image_encoder, std::shared_ptr<LoadedModule> language_model);
   at::Tensor EmbedTokens(const at::Tensor& input_ids_cpu);
-  at::Tensor ToDevice(const std::vector<int64_t>& values) const;
   // Counts of <image> tokens per row; throws unless each is 0 or num_query_tokens.
   std::vector<int64_t> ImageTokenCounts(const at::Tensor& input_ids) const;
 
@@ -73,6 +72,9 @@ class Blip2Runtime {
   torch::jit::Method forward_cached_;
   torch::jit::Method decode_;
 };
+
+// Host indices (slots, positions, rows) as an int64 tensor on `device`.
+at::Tensor LongTensorOn(const std::vector<int64_t>& values, const c10::Device& device);
 
 // Consecutive slots are read through views by the language model; otherwise gathered.
 int64_t FirstSlotIfConsecutive(const std::vector<int64_t>& slots);

@@ -14,14 +14,16 @@ namespace blip2 {
 int UseOneDnnLinears(torch::jit::Module& module, const std::string& method) {
   if (!at::hasMKLDNN()) return 0;
   // The replacement is compiled by this libtorch, so its ops carry this libtorch's schemas
-  // (aten::to_dense grew a keyword argument between 1.13 and 2.x).
-  auto unit = torch::jit::compile(R"JIT(
+  // (aten::to_dense grew a keyword argument between 1.13 and 2.x); once per process.
+  static const std::string replacement = [] {
+    auto unit = torch::jit::compile(R"JIT(
 def linear(x: Tensor, w: Tensor, b: Optional[Tensor]):
     if x.numel() == x.size(-1) and w.numel() >= 262144:
         return torch.mkldnn_linear(x.to_mkldnn(), w, b).to_dense()
     return torch.linear(x, w, b)
 )JIT");
-  std::shared_ptr<torch::jit::Graph> replacement = torch::jit::toGraphFunction(unit->get_function("linear")).graph();
+    return torch::jit::toGraphFunction(unit->get_function("linear")).graph()->toString(false);
+  }();
   std::shared_ptr<torch::jit::Graph> graph = torch::jit::toGraphFunction(module.get_method(method).function()).graph();
   {
     // Inline() takes callees' optimized graphs, which are only inlined themselves while graph
@@ -34,7 +36,7 @@ def linear(x: Tensor, w: Tensor, b: Optional[Tensor]):
 graph(%x, %w, %b):
   %r = aten::linear(%x, %w, %b)
   return (%r))IR",
-                                  replacement->toString(false));
+                                  replacement);
   rewriter.runOnGraph(graph);
   std::string text = graph->toString(false);
   int rewritten = 0;
