@@ -12,10 +12,11 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 
 import { Blip2ForConditionalGeneration, Tensor, setNumThreads, stats } from '../lib';
+import { resolvePython } from '../lib/cli/export';
 
 const ROOT = path.resolve(__dirname, '..');
 const CACHE = path.join(ROOT, 'bench', '.cache');
-const PYTHON = process.env.BLIP2_PYTHON ?? '/usr/bin/python3';
+const PYTHON = resolvePython();
 
 function arg(name: string, fallback: string): string {
   const i = process.argv.indexOf(`--${name}`);

@@ -1,39 +1,60 @@
 #!/usr/bin/env node
 'use strict';
-// npm install hook: use a matching prebuild (prebuilds/) or an existing local build when it
-// loads; otherwise build from source with cmake-js against the libtorch find-libtorch.js finds.
+// npm install hook. Uses an existing build or a matching prebuild when it passes a check in a
+// child process (load it, make a tensor, run one op); otherwise finds libtorch 2.x — $LIBTORCH, or
+// the torch of the Python scripts/python-env.js finds or makes (<package>/.venv, opt out with
+// BLIP2_SKIP_PYTHON_SETUP=1) — and builds the addon from source with cmake-js.
 const path = require('node:path');
 const { spawnSync } = require('node:child_process');
 
 const root = path.join(__dirname, '..');
 
-function loadsAlready() {
-  try {
-    const nodeGypBuild = require('node-gyp-build');
-    require(nodeGypBuild.resolve(root));
-    return true;
-  } catch {
-    return false;
+/** null when the binary node-gyp-build would load works; else why not. */
+function checkBinary() {
+  const code = `
+    const b = require(require('node-gyp-build').resolve(${JSON.stringify(root)}));
+    const t = b.NativeTensor.fromData(new Float32Array([1, 2, 3]), [3], undefined, undefined);
+    t.to(undefined, 'float64').then(async (u) => {
+      const a = await u.toArray();
+      if (a[2] !== 3) throw new Error('wrong result ' + a);
+      process.stdout.write('ok ' + b.versions().libtorch);
+    }).catch((e) => { console.error(e.message); process.exit(1); });`;
+  const r = spawnSync(process.execPath, ['-e', code], { cwd: root, encoding: 'utf8', timeout: 120000 });
+  if (r.status === 0 && r.stdout.startsWith('ok')) return null;
+  return (r.stderr || r.stdout || `exit code ${r.status}`).trim().split('\n').slice(-3).join(' | ');
+}
+
+function main() {
+  if (process.env.BLIP2_FORCE_BUILD !== '1') {
+    const problem = checkBinary();
+    if (problem === null) return 0;
+    if (!/Could not locate|No native build was found/.test(problem)) {
+      process.stderr.write(`blip2-node: the existing binary does not work (${problem}); building from source\n`);
+    }
   }
+  const { findLibtorch, HOW_TO_GET_ONE } = require('./find-libtorch.js');
+  let found;
+  try {
+    if (!process.env.LIBTORCH) require('./python-env.js').setup();
+    found = findLibtorch();
+  } catch (e) {
+    process.stderr.write(`\nblip2-node: ${e.message}\n\n`);
+    return 1;
+  }
+  if (!found) {
+    process.stderr.write(`\n${HOW_TO_GET_ONE}\n\n`);
+    return 1;
+  }
+  process.stderr.write(`blip2-node: building the addon against libtorch ${found.version ?? ''} from ${found.source}\n`);
+  const cmakeJs = require.resolve('cmake-js/bin/cmake-js');
+  const result = spawnSync(process.execPath, [cmakeJs, 'compile', '--out', 'build'], { cwd: root, stdio: 'inherit' });
+  if (result.status !== 0) return result.status ?? 1;
+  const problem = checkBinary();
+  if (problem !== null) {
+    process.stderr.write(`blip2-node: the addon built but does not work: ${problem}\n`);
+    return 1;
+  }
+  return 0;
 }
 
-if (process.env.BLIP2_FORCE_BUILD !== '1' && loadsAlready()) {
-  process.exit(0);
-}
-
-const { findLibtorch, HOW_TO_GET_ONE } = require('./find-libtorch.js');
-let found;
-try {
-  found = findLibtorch();
-} catch (e) {
-  process.stderr.write(`\nblip2-node: ${e.message}\n\n`);
-  process.exit(1);
-}
-if (!found) {
-  process.stderr.write(`\n${HOW_TO_GET_ONE}\n\n`);
-  process.exit(1);
-}
-process.stderr.write(`blip2-node: building the addon against libtorch ${found.version ?? ''} from ${found.source} (${found.root})\n`);
-const cmakeJs = require.resolve('cmake-js/bin/cmake-js');
-const result = spawnSync(process.execPath, [cmakeJs, 'compile', '--out', 'build'], { cwd: root, stdio: 'inherit' });
-process.exit(result.status ?? 1);
+process.exit(main());

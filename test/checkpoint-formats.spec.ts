@@ -14,14 +14,14 @@ function rewrittenCheckpoint(format: 'sharded-safetensors' | 'pytorch-bin' | 'fl
   return cached(`checkpoint-${format}`, (out) => {
     runPython(`
 import os, shutil, json, torch
-from blip2_export import safetensors_io
+from safetensors.torch import load_file, save_file
 src = ${JSON.stringify(TINY_OPT_CHECKPOINT)}
 out = ${JSON.stringify(out)}
 os.makedirs(out)
 for name in os.listdir(src):
     if name != "model.safetensors":
         shutil.copy(os.path.join(src, name), out)
-tensors = safetensors_io.load_file(os.path.join(src, "model.safetensors"))
+tensors = load_file(os.path.join(src, "model.safetensors"))
 fmt = ${JSON.stringify(format)}
 if fmt == "sharded-safetensors":
     names = sorted(tensors)
@@ -29,13 +29,13 @@ if fmt == "sharded-safetensors":
     weight_map = {}
     for i, part in enumerate(shards):
         file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        safetensors_io.save_file({k: tensors[k] for k in part}, os.path.join(out, file))
+        save_file({k: tensors[k] for k in part}, os.path.join(out, file))
         weight_map.update({k: file for k in part})
     json.dump({"metadata": {}, "weight_map": weight_map}, open(os.path.join(out, "model.safetensors.index.json"), "w"))
 elif fmt == "pytorch-bin":
     torch.save(tensors, os.path.join(out, "pytorch_model.bin"))
 else:
-    safetensors_io.save_file({k: v.half() for k, v in tensors.items()}, os.path.join(out, "model.safetensors"))
+    save_file({k: v.half() for k, v in tensors.items()}, os.path.join(out, "model.safetensors"))
 `);
   }, exporterInputs());
 }

@@ -1,4 +1,5 @@
 import { strict as assert } from 'node:assert';
+import { createHash } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as os from 'node:os';
 import * as path from 'node:path';
@@ -258,12 +259,69 @@ describe('generate: options, stopping, sampling, streaming, errors', () => {
       fs.truncateSync(file, 1000);
       await rejectsNaming('image_encoder.pt', /damaged: it has 1000 bytes/);
     });
-    it('a module file damaged in place (same size)', async () => {
+    it('a module file changed in place (same size): TorchScript is code, so its sha256 must match', async () => {
       const file = path.join(broken, 'language_model.pt');
       const bytes = fs.readFileSync(file);
       bytes.fill(0x41, 0, 4096);
       fs.writeFileSync(file, bytes);
+      await rejectsNaming('language_model.pt', /does not match the sha256 in the manifest/);
+    });
+    it('a module file that is no TorchScript archive (sha256 updated to match)', async () => {
+      const file = path.join(broken, 'language_model.pt');
+      const bytes = fs.readFileSync(file);
+      bytes.fill(0x41, 0, 4096);
+      fs.writeFileSync(file, bytes);
+      const manifest = JSON.parse(fs.readFileSync(path.join(broken, 'manifest.json'), 'utf8'));
+      manifest.modules.language_model.sha256 = createHash('sha256').update(bytes).digest('hex');
+      fs.writeFileSync(path.join(broken, 'manifest.json'), JSON.stringify(manifest));
       await rejectsNaming('language_model.pt', /damaged or not a TorchScript archive/);
+    });
+    it('a truncated weights file', async () => {
+      const file = path.join(broken, 'weights.safetensors');
+      fs.truncateSync(file, 5000);
+      await rejectsNaming('weights.safetensors', /damaged: it has 5000 bytes, the manifest says/);
+    });
+    it('a weights file whose header is damaged (same size)', async () => {
+      const file = path.join(broken, 'weights.safetensors');
+      const bytes = fs.readFileSync(file);
+      bytes.writeBigUInt64LE(BigInt(bytes.length), 0);
+      fs.writeFileSync(file, bytes);
+      await rejectsNaming('weights.safetensors', /weights file .* is damaged: its header length field/);
+      bytes.writeBigUInt64LE(100n, 0);
+      fs.writeFileSync(file, bytes);
+      await rejectsNaming('weights.safetensors', /weights file .* is damaged: its header is not JSON/);
+    });
+    it('a weights file with a tensor past its end', async () => {
+      const file = path.join(broken, 'weights.safetensors');
+      const bytes = fs.readFileSync(file);
+      const n = Number(bytes.readBigUInt64LE(0));
+      const header = JSON.parse(bytes.subarray(8, 8 + n).toString('utf8'));
+      const key = Object.keys(header).find((k) => k !== '__metadata__') as string;
+      const [begin, end] = header[key].data_offsets;
+      header[key].data_offsets = [begin + bytes.length, end + bytes.length];
+      const text = Buffer.from(JSON.stringify(header));
+      const length = Buffer.alloc(8);
+      length.writeBigUInt64LE(BigInt(text.length), 0);
+      const rewritten = Buffer.concat([length, text, bytes.subarray(8 + n)]);
+      fs.writeFileSync(file, rewritten);
+      const manifest = JSON.parse(fs.readFileSync(path.join(broken, 'manifest.json'), 'utf8'));
+      manifest.weights.files[0].bytes = rewritten.length;
+      fs.writeFileSync(path.join(broken, 'manifest.json'), JSON.stringify(manifest));
+      await rejectsNaming('weights.safetensors', new RegExp(`tensor '${key.replace(/\./g, '\\.')}' lies past the end`));
+    });
+    it('a manifest whose module path leaves the folder', async () => {
+      const manifest = JSON.parse(fs.readFileSync(path.join(broken, 'manifest.json'), 'utf8'));
+      manifest.modules.language_model.file = '../language_model.pt';
+      fs.writeFileSync(path.join(broken, 'manifest.json'), JSON.stringify(manifest));
+      await rejectsNaming('manifest.json', /modules\.language_model\.file is "\.\.\/language_model\.pt"; expected a file name inside the model folder/);
+    });
+    it('a manifest whose parameters do not belong to the module', async () => {
+      const manifest = JSON.parse(fs.readFileSync(path.join(broken, 'manifest.json'), 'utf8'));
+      const params = manifest.modules.language_model.parameters;
+      const first = Object.keys(params)[0];
+      delete params[first];
+      fs.writeFileSync(path.join(broken, 'manifest.json'), JSON.stringify(manifest));
+      await rejectsNaming('language_model.pt', new RegExp(`parameter '${first.replace(/\./g, '\\.')}' has no weight in the manifest`));
     });
     it('a missing or damaged manifest', async () => {
       fs.writeFileSync(path.join(broken, 'manifest.json'), '{"format": "blip2-node-model", ');

@@ -99,11 +99,34 @@ export interface NativePreprocessOptions {
   maxPixels?: number;
 }
 
+/** The safetensors files of a model folder and the tensors in them (lib reads their headers). */
+export interface NativeWeights {
+  files: Array<{ path: string; bytes: number }>;
+  tensors: Array<{
+    key: string;
+    /** Index into files. */
+    file: number;
+    /** Byte offset from the start of the file. */
+    offset: number;
+    nbytes: number;
+    dtype: NativeDType;
+    shape: number[];
+    /** Stays float32 when the model runs in float16 (transformers 5's _keep_in_fp32_modules). */
+    keepFloat32: boolean;
+  }>;
+}
+
+/** A weight-free TorchScript file and its parameters: [path inside the module, index into weights.tensors]. */
+export interface NativeModuleSpec {
+  path: string;
+  parameters: Array<[string, number]>;
+}
+
 /** What lib reads from manifest.json for the native runtime (native code parses no JSON). */
 export interface NativeModelSpec {
   architecture: 'opt';
-  imageEncoderPath: string;
-  languageModelPath: string;
+  weights: NativeWeights;
+  modules: { imageEncoder: NativeModuleSpec; languageModel: NativeModuleSpec };
   device: string;
   /** The dtype to run in (the export's, or a cast of it). */
   dtype: NativeDType;

@@ -6,6 +6,7 @@ Progress lines (`progress: ...`) go to stderr.
 """
 
 import argparse
+import os
 import sys
 
 from .errors import ExportError
@@ -18,6 +19,11 @@ class _Parser(argparse.ArgumentParser):
 
 
 def main(argv=None) -> int:
+    if argv is None and os.environ.get("PYTHONHASHSEED") != "0":
+        # TorchScript lays out class attributes in set order, i.e. by Python's string hash, so
+        # byte-identical exports need a fixed hash seed: run again with one.
+        env = dict(os.environ, PYTHONHASHSEED="0")
+        os.execve(sys.executable, [sys.executable, "-m", "blip2_export", *sys.argv[1:]], env)
     parser = _Parser(prog="python -m blip2_export",
                      description="Export a Hugging Face BLIP-2 checkpoint folder to a blip2-node model folder.")
     parser.add_argument("hf_dir", help="checkpoint folder (config.json + weights)")

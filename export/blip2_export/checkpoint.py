@@ -4,7 +4,9 @@ Weights are looked up in this order (the order `from_pretrained` prefers):
   model.safetensors | model.safetensors.index.json (+ shards) | pytorch_model.bin |
   pytorch_model.bin.index.json (+ shards)
 
-Progress goes to stderr as lines starting with `progress: ` so a CLI can relay them.
+Safetensors files are read with the `safetensors` package; `pytorch_model.bin` files with
+`torch.load(weights_only=True, mmap=True)`. Progress goes to stderr as lines starting with
+`progress: ` so a CLI can relay them.
 """
 
 import contextlib
@@ -16,7 +18,6 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from . import safetensors_io
 from .errors import ExportError
 
 SAFETENSORS = "model.safetensors"
@@ -70,12 +71,18 @@ def weight_files(hf_dir: str) -> Tuple[str, List[str]]:
     raise ExportError(f"no weights in {hf_dir}: expected {SAFETENSORS}, {SAFETENSORS_INDEX}, {BIN} or {BIN_INDEX}")
 
 
+# safetensors dtype names (as its headers spell them) -> torch dtypes.
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
 def _load_bin(path: str) -> Dict[str, torch.Tensor]:
+    """A pytorch_model.bin's tensors, memory-mapped (torch >= 2.1) so they are read on use."""
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True)
-        except TypeError:  # torch < 1.13 has no weights_only
-            obj = torch.load(path, map_location="cpu")
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # noqa: BLE001 - corrupt pickles raise all sorts of things
         raise ExportError(f"cannot read {path}: {type(e).__name__}: {e}") from None
     if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
@@ -85,26 +92,81 @@ def _load_bin(path: str) -> Dict[str, torch.Tensor]:
     return dict(obj)
 
 
+class CheckpointReader:
+    """A checkpoint's tensors by name: shapes and dtypes from the file headers at once, data on
+    demand. `read` opens only the files it needs and closes them again, so memory-mapped pages of
+    tensors already written out are not held (and not counted in RSS) for the rest of an export."""
+
+    def __init__(self, hf_dir: str):
+        self.layout, self.files = weight_files(hf_dir)
+        self.file_of: Dict[str, str] = {}
+        self._meta: Dict[str, torch.Tensor] = {}
+        for path in self.files:
+            for name, (dtype, shape) in self._headers(path).items():
+                if name in self.file_of:
+                    raise ExportError(f"{os.path.basename(path)} repeats tensor {name} of "
+                                      f"{os.path.basename(self.file_of[name])}")
+                self.file_of[name] = path
+                self._meta[name] = torch.empty(shape, dtype=dtype, device="meta")
+
+    def _headers(self, path: str) -> Dict[str, Tuple[torch.dtype, List[int]]]:
+        if self.layout == "bin":
+            return {k: (v.dtype, list(v.shape)) for k, v in _load_bin(path).items()}
+        from safetensors import SafetensorError, safe_open
+        out = {}
+        try:
+            with safe_open(path, framework="pt") as f:
+                for name in f.keys():
+                    sl = f.get_slice(name)
+                    dtype = SAFETENSORS_DTYPES.get(sl.get_dtype())
+                    if dtype is None:
+                        raise ExportError(f"{path}: tensor {name} has dtype {sl.get_dtype()}, which the exporter does not read")
+                    out[name] = (dtype, list(sl.get_shape()))
+        except SafetensorError as e:
+            raise ExportError(f"cannot read {path}: {e}") from None
+        except OSError as e:
+            raise ExportError(f"cannot read {path}: {e}") from None
+        return out
+
+    def meta_state_dict(self) -> Dict[str, torch.Tensor]:
+        """Every tensor as a meta tensor (shape and dtype, no data): for planning and checking."""
+        return dict(self._meta)
+
+    def nbytes(self, name: str) -> int:
+        t = self._meta[name]
+        return t.numel() * t.element_size()
+
+    def read(self, names) -> Dict[str, torch.Tensor]:
+        """The named tensors (CPU), file by file."""
+        by_file: Dict[str, List[str]] = {}
+        for name in names:
+            by_file.setdefault(self.file_of[name], []).append(name)
+        out: Dict[str, torch.Tensor] = {}
+        for path, keys in by_file.items():
+            if self.layout == "bin":
+                part = _load_bin(path)
+                out.update({k: part[k] for k in keys})
+                continue
+            from safetensors import SafetensorError, safe_open
+            try:
+                with safe_open(path, framework="pt") as f:
+                    for k in keys:
+                        out[k] = f.get_tensor(k)
+            except SafetensorError as e:
+                raise ExportError(f"cannot read {path}: {e}") from None
+        return out
+
+
 def load_state_dict(hf_dir: str, report: Optional[Callable[[str], None]] = progress) -> Dict[str, torch.Tensor]:
     """All tensors of the checkpoint in one dict (CPU). Raises ExportError on unreadable files and
     on a key found in two shards."""
-    layout, files = weight_files(hf_dir)
+    reader = CheckpointReader(hf_dir)
     sd: Dict[str, torch.Tensor] = {}
-    for i, path in enumerate(files):
+    for i, path in enumerate(reader.files):
         if report is not None:
-            what = "shard" if len(files) > 1 else "weights"
-            report(f"loading {what} {i + 1}/{len(files)} {os.path.basename(path)}")
-        if layout == "safetensors":
-            try:
-                part = safetensors_io.load_file(path)
-            except safetensors_io.SafetensorsError as e:
-                raise ExportError(str(e)) from None
-        else:
-            part = _load_bin(path)
-        dup = sorted(part.keys() & sd.keys())
-        if dup:
-            raise ExportError(f"{os.path.basename(path)} repeats tensors of an earlier shard: {', '.join(dup[:10])}")
-        sd.update(part)
+            what = "shard" if len(reader.files) > 1 else "weights"
+            report(f"loading {what} {i + 1}/{len(reader.files)} {os.path.basename(path)}")
+        sd.update(reader.read([k for k, p in reader.file_of.items() if p == path]))
     return sd
 
 

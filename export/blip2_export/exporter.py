@@ -1,25 +1,33 @@
-"""HF BLIP-2 checkpoint folder -> blip2-node model folder (format version 1, see export/README.md).
+"""HF BLIP-2 checkpoint folder -> blip2-node model folder (format version 2, see export/README.md).
 
-export() reads and validates config.json, loads the weights strictly into our modules, converts
-them to the requested dtype, scripts (torch.jit.script) and saves image_encoder.pt and
-language_model.pt, copies the checkpoint's side files and writes manifest.json last, so a folder
-with a manifest is complete. Files are written under temporary names and renamed.
+export() reads and validates config.json, plans the checkpoint → parameter mapping on the file
+headers alone (weights.py), streams the weights into safetensors shards in the requested dtype,
+scripts the weight-free modules (torchscript.py: image_encoder.pt, language_model.pt), copies the
+checkpoint's side files and writes manifest.json last, so a folder with a manifest is complete.
+Files are written under temporary names and renamed. Two exports of one checkpoint are byte
+identical, wherever the exporter and the output live.
 """
 
+import hashlib
 import json
 import os
 import shutil
+import warnings
 from typing import Any, Callable, Dict, Optional
 
 import torch
 
-from . import __version__
-from .checkpoint import build_model, load_config, progress, read_json
+from . import __version__, torchscript, weights
+from .checkpoint import CheckpointReader, fast_init, load_config, progress, read_json
 from .errors import ExportError
-from .modeling_blip_2 import Blip2Config, Blip2ImageEncoder
+from .modeling_blip_2 import Blip2Config, Blip2ForConditionalGeneration, Blip2ImageEncoder
+
+# torch 2.x marks torch.jit as deprecated (still supported; libtorch loads these files): not news
+# for our users on every export.
+warnings.filterwarnings("ignore", message=r".*torch\.jit\.\w+` is deprecated", category=DeprecationWarning)
 
 FORMAT = "blip2-node-model"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -75,17 +83,10 @@ def special_tokens(hf_dir: str, config: Dict[str, Any], cfg: Blip2Config) -> Dic
     return out
 
 
-def _save_scripted(module: torch.nn.Module, path: str) -> int:
-    scripted = torch.jit.script(module)
-    tmp = path + ".tmp"
-    torch.jit.save(scripted, tmp)
-    os.replace(tmp, path)
-    return os.path.getsize(path)
-
-
 def export(hf_dir: str, out_dir: str, dtype: str = "float32", max_length: Optional[int] = None,
            report: Optional[Callable[[str], None]] = progress) -> Dict[str, Any]:
-    """Exports and returns the manifest. Raises ExportError for anything the user can fix."""
+    """Exports and returns the manifest. Raises ExportError for anything the user can fix. The
+    module files are byte identical across runs when PYTHONHASHSEED=0 (the CLI ensures it)."""
     if dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)} (got {dtype!r})")
     config = load_config(hf_dir)
@@ -109,16 +110,35 @@ def export(hf_dir: str, out_dir: str, dtype: str = "float32", max_length: Option
     if os.path.isfile(stale):
         os.remove(stale)  # a folder is complete only once its new manifest is written
 
-    model = build_model(hf_dir, report, dtype=DTYPES[dtype])
-    model = model.to(DTYPES[dtype])  # no-op unless the checkpoint held several dtypes
+    target = DTYPES[dtype]
+    reader = CheckpointReader(hf_dir)
+    if report is not None:
+        report(f"checkpoint: {len(reader.files)} file(s), {len(reader.file_of)} tensors")
+    with fast_init(target):
+        # Parameters are allocated (not touched, so not resident) and never filled: the modules
+        # are scripted without their weights, which go to the safetensors shards directly.
+        model = Blip2ForConditionalGeneration(cfg).eval()
+    weight_plan = weights.plan(reader, model.prepare_state_dict)
+    own = dict(model.named_parameters(remove_duplicate=False))
+    own.update(model.named_buffers())
+    shape_errors = [f"{k}: checkpoint {tuple(weight_plan.meta[k].shape)} vs model {tuple(own[k].shape)}"
+                    for k in weight_plan.keys if k in own and tuple(weight_plan.meta[k].shape) != tuple(own[k].shape)]
+    if shape_errors:
+        raise ExportError("checkpoint tensors do not match the shapes config.json implies:\n  "
+                          + "\n  ".join(shape_errors[:20]))
     os.makedirs(out_dir, exist_ok=True)
+    written = weights.write(reader, weight_plan, out_dir, target, report)
+    key_of = {id(p): weight_plan.stored_key(name) for name, p in own.items() if name in weight_plan.meta}
 
-    if report is not None:
-        report("scripting image encoder")
-    image_bytes = _save_scripted(Blip2ImageEncoder(model).eval(), os.path.join(out_dir, "image_encoder.pt"))
-    if report is not None:
-        report("scripting language model")
-    lm_bytes = _save_scripted(model.language_model.eval(), os.path.join(out_dir, "language_model.pt"))
+    modules = {}
+    for name, module, methods in (("image_encoder", Blip2ImageEncoder(model), IMAGE_ENCODER_METHODS),
+                                  ("language_model", model.language_model, LANGUAGE_MODEL_METHODS)):
+        if report is not None:
+            report(f"scripting {name.replace('_', ' ')}")
+        file = f"{name}.pt"
+        parameters, blob = torchscript.script_weight_free(module, key_of, os.path.join(out_dir, file))
+        modules[name] = {"file": file, "bytes": len(blob), "sha256": hashlib.sha256(blob).hexdigest(),
+                         "methods": methods, "parameters": parameters}
     del model
 
     if report is not None:
@@ -134,7 +154,7 @@ def export(hf_dir: str, out_dir: str, dtype: str = "float32", max_length: Option
         "format_version": FORMAT_VERSION,
         "architecture": "opt",
         "dtype": dtype,
-        "exporter": {"version": __version__, "torch": torch.__version__},
+        "exporter": {"version": __version__, "torch": torch.__version__.split("+")[0]},
         "num_query_tokens": cfg.num_query_tokens,
         "image_token_index": cfg.image_token_index,
         "image_size": [v.image_size, v.image_size],
@@ -147,10 +167,11 @@ def export(hf_dir: str, out_dir: str, dtype: str = "float32", max_length: Option
         "vision": {"hidden_size": v.hidden_size, "num_layers": v.num_hidden_layers,
                    "patch_size": v.patch_size, "num_positions": v.num_positions},
         "qformer": {"hidden_size": q.hidden_size, "num_layers": q.num_hidden_layers},
-        "modules": {
-            "image_encoder": {"file": "image_encoder.pt", "bytes": image_bytes, "methods": IMAGE_ENCODER_METHODS},
-            "language_model": {"file": "language_model.pt", "bytes": lm_bytes, "methods": LANGUAGE_MODEL_METHODS},
-        },
+        # keep_float32: the weights that stay float32 whenever the model runs in float16 (stored
+        # so in a float16 export; a float32 export run in float16 keeps them too).
+        "weights": {"files": written.files, "bytes": written.total_bytes,
+                    "keep_float32": sorted(k for k in written.dtypes if weights.keeps_float32(k))},
+        "modules": modules,
     }
     tmp = os.path.join(out_dir, "manifest.json.tmp")
     with open(tmp, "w", encoding="utf-8") as f:

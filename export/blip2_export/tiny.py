@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .errors import ExportError
-from .safetensors_io import save_file
+from safetensors.torch import save_file
 
 PRESETS = {
     # The shared fixture's sizes.

@@ -14,7 +14,9 @@ if EXPORT_DIR not in sys.path:
 
 import torch  # noqa: E402
 
-from blip2_export import safetensors_io  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+from blip2_export.torchscript import load_model_folder  # noqa: E402
 
 PYTHON = sys.executable
 
@@ -41,7 +43,7 @@ def expected():
         d = os.path.join(FIXTURES, "tiny-opt-expected")
         with open(os.path.join(d, "expected.json"), encoding="utf-8") as f:
             meta = json.load(f)
-        _cache["expected"] = (safetensors_io.load_file(os.path.join(d, "expected.safetensors")), meta)
+        _cache["expected"] = (load_file(os.path.join(d, "expected.safetensors")), meta)
     return _cache["expected"]
 
 
@@ -60,14 +62,13 @@ def eager_model():
 
 def exported():
     """(out_dir, manifest, image_encoder, language_model): the fixture exported in-process once,
-    the two .pt files reloaded with torch.jit.load."""
+    the two .pt files reloaded with torch.jit.load and their weights bound."""
     if "exported" not in _cache:
         from blip2_export.exporter import export
         out = os.path.join(tempdir(), "model")
         manifest = export(CHECKPOINT, out, report=None)
-        enc = torch.jit.load(os.path.join(out, "image_encoder.pt"))
-        lm = torch.jit.load(os.path.join(out, "language_model.pt"))
-        _cache["exported"] = (out, manifest, enc.eval(), lm.eval())
+        modules = load_model_folder(out)
+        _cache["exported"] = (out, manifest, modules["image_encoder"], modules["language_model"])
     return _cache["exported"]
 
 

@@ -8,7 +8,9 @@ import unittest
 import torch
 
 import _util
-from blip2_export import checkpoint, safetensors_io as st
+from safetensors import torch as st
+
+from blip2_export import checkpoint
 from blip2_export.errors import ExportError
 from blip2_export.modeling_blip_2 import Blip2Config, Blip2ForConditionalGeneration
 

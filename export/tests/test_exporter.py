@@ -1,9 +1,11 @@
 """The exporter: CLI end to end on the fixture folder, manifest, error handling, dtypes."""
 
 import contextlib
+import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import unittest
@@ -13,6 +15,7 @@ import torch
 import _util
 from blip2_export import __main__ as cli
 from blip2_export.exporter import IMAGE_ENCODER_METHODS, LANGUAGE_MODEL_METHODS, SIDE_FILES, export
+from blip2_export.torchscript import load_model_folder
 
 
 def run_cli(*args):
@@ -35,16 +38,17 @@ class CommandLine(unittest.TestCase):
         self.assertEqual(p.returncode, 0, p.stderr)
         lines = p.stderr.splitlines()
         self.assertTrue(lines and all(line.startswith("progress: ") for line in lines), p.stderr)
-        self.assertIn("progress: loading weights 1/1 model.safetensors", lines)
+        self.assertIn("progress: checkpoint: 1 file(s), 123 tensors", lines)
         self.assertIn("progress: scripting language model", lines)
+        self.assertTrue(any(re.match(r"progress: weights written (\d+)/\1 bytes", line) for line in lines), lines)
 
         with open(os.path.join(out, "manifest.json")) as f:
             m = json.load(f)
         self.assertEqual(m["format"], "blip2-node-model")
-        self.assertEqual(m["format_version"], 1)
+        self.assertEqual(m["format_version"], 2)
         self.assertEqual(m["architecture"], "opt")
         self.assertEqual(m["dtype"], "float32")
-        self.assertEqual(m["exporter"], {"version": "0.1.0", "torch": torch.__version__})
+        self.assertEqual(m["exporter"], {"version": "0.1.0", "torch": torch.__version__.split("+")[0]})
         self.assertEqual(m["num_query_tokens"], 6)
         self.assertEqual(m["image_token_index"], 380)
         self.assertEqual(m["image_size"], [56, 56])
@@ -65,10 +69,27 @@ class CommandLine(unittest.TestCase):
             self.assertEqual(entry["file"], f"{key}.pt")
             path = os.path.join(out, entry["file"])
             self.assertEqual(entry["bytes"], os.path.getsize(path))
+            with open(path, "rb") as f:
+                self.assertEqual(entry["sha256"], hashlib.sha256(f.read()).hexdigest())
             self.assertEqual(entry["methods"], methods)
             loaded = torch.jit.load(path)
             for name in methods:
                 self.assertTrue(hasattr(loaded, name), f"{key}.{name}")
+            # Weight-free code: every parameter is an empty placeholder the manifest maps to a key.
+            self.assertEqual({n for n, _ in loaded.named_parameters()} - set(entry["parameters"]), set())
+            self.assertTrue(all(p.numel() == 0 for p in loaded.parameters()))
+            self.assertLess(entry["bytes"], 200_000)
+        weights = m["weights"]
+        self.assertEqual([f["file"] for f in weights["files"]], ["weights.safetensors"])
+        from safetensors import safe_open
+        with safe_open(os.path.join(out, "weights.safetensors"), framework="pt") as f:
+            stored = set(f.keys())
+        # Tied lm_head is stored once, under the checkpoint's own embed_tokens name.
+        self.assertEqual(modules["language_model"]["parameters"]["lm_head.weight"],
+                         "language_model.model.decoder.embed_tokens.weight")
+        self.assertNotIn("language_model.lm_head.weight", stored)
+        for entry in modules.values():
+            self.assertEqual(set(entry["parameters"].values()) - stored, set())
         self.assertEqual(sorted(IMAGE_ENCODER_METHODS), ["forward", "language_projection", "qformer", "vision_model"])
         self.assertEqual(sorted(LANGUAGE_MODEL_METHODS), ["decode", "embed_tokens", "forward_cached", "forward_full"])
 
@@ -130,27 +151,60 @@ class Dtypes(unittest.TestCase):
             m = export(_util.CHECKPOINT, out, dtype=dtype, report=None)
             self.assertEqual(m["dtype"], dtype)
             self.assertEqual(m["max_length"], 128)
-            for f in ("image_encoder.pt", "language_model.pt"):
-                mod = torch.jit.load(os.path.join(out, f))
-                self.assertEqual({p.dtype for p in mod.parameters()}, {tdtype}, f)
-            if dtype == "bfloat16":  # float16 matmuls are not implemented on CPU in torch 1.13
-                self.run_bf16(out)
+            modules = load_model_folder(out)
+            lm_dtypes = {p.dtype for p in modules["language_model"].parameters()}
+            self.assertEqual(lm_dtypes, {tdtype})
+            # transformers 5 keeps query_tokens and the Q-Former in float32 under float16 (only).
+            enc = dict(modules["image_encoder"].named_parameters())
+            kept = torch.float32 if tdtype == torch.float16 else tdtype
+            self.assertEqual({p.dtype for n, p in enc.items() if n.startswith(("q_former.", "query_tokens"))}, {kept})
+            self.assertEqual({p.dtype for n, p in enc.items() if n.startswith("vision.")}, {tdtype})
+            self.assertEqual(set(m["weights"]["keep_float32"]),
+                             {k for k in m["modules"]["image_encoder"]["parameters"].values()
+                              if k.startswith(("qformer.", "query_tokens"))})
+            self.run_half(modules)
 
-    def run_bf16(self, out):
+    def run_half(self, modules):
         from blip2_export import greedy
         t, meta = _util.expected()
-        enc = torch.jit.load(os.path.join(out, "image_encoder.pt"))
-        lm = torch.jit.load(os.path.join(out, "language_model.pt"))
+        enc, lm = modules["image_encoder"], modules["language_model"]
+        dtype = next(lm.parameters()).dtype
         with torch.inference_mode():
-            image = enc(t["pixel_values/gradient"].bfloat16())
-            self.assertEqual(image.dtype, torch.bfloat16)
+            image = enc(t["pixel_values/gradient"].to(dtype))
+            self.assertEqual(image.dtype, dtype)
             row = greedy.prompt_embeds(lm, [380] * 6 + [2], image[0], 380)
-            cache = greedy.alloc_cache(2, 4, 12, 1, 32, torch.bfloat16)
+            cache = greedy.alloc_cache(2, 4, 12, 1, 32, dtype)
             ids, steps = greedy.greedy(lm, cache, [row], 12)
         self.assertEqual(steps.dtype, torch.float32)
-        self.assertLess(_util.max_abs(steps, t["gen_step_logits/greedy/gradient/empty"]), 2.0)
-        _util.record("bfloat16 export: cached step logits (loose)", _util.max_abs(
-            steps, t["gen_step_logits/greedy/gradient/empty"]))
+        diff = _util.max_abs(steps, t["gen_step_logits/greedy/gradient/empty"])
+        self.assertLess(diff, 2.0)
+        _util.record(f"{dtype} export: cached step logits (loose)", diff)
+
+
+class Reproducible(unittest.TestCase):
+    def test_same_bytes_from_clones_at_different_paths(self):
+        """Two clones of the exporter at paths of different lengths, two output folders: the
+        module files, weights and manifests are byte identical and name no absolute path."""
+        root = _util.tempdir()
+        outs = []
+        for clone in ("a", os.path.join("much", "longer", "path", "to", "clone-b")):
+            pkg = os.path.join(root, clone, "export")
+            shutil.copytree(os.path.join(_util.EXPORT_DIR, "blip2_export"), os.path.join(pkg, "blip2_export"),
+                            ignore=shutil.ignore_patterns("__pycache__"))
+            out = os.path.join(root, clone, "out-" + str(len(outs)))
+            env = dict(os.environ, PYTHONPATH=pkg)
+            p = subprocess.run([_util.PYTHON, "-m", "blip2_export", _util.CHECKPOINT, out], cwd=pkg, env=env,
+                               capture_output=True, text=True, timeout=300)
+            self.assertEqual(p.returncode, 0, p.stderr)
+            outs.append(out)
+        names = sorted(os.listdir(outs[0]))
+        self.assertEqual(names, sorted(os.listdir(outs[1])))
+        for name in names:
+            with open(os.path.join(outs[0], name), "rb") as a, open(os.path.join(outs[1], name), "rb") as b:
+                data = a.read()
+                self.assertEqual(data, b.read(), name)
+            for needle in (root.encode(), _util.REPO.encode(), os.path.dirname(torch.__file__).encode()):
+                self.assertNotIn(needle, data, name)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,9 @@ import unittest
 import torch
 
 import _util
-from blip2_export import greedy, safetensors_io as st, tiny
+from safetensors import torch as st
+
+from blip2_export import greedy, tiny
 from blip2_export.checkpoint import build_model
 from blip2_export.exporter import export
 

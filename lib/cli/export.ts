@@ -8,7 +8,7 @@ import { packageRoot } from '../native/binding';
 export interface ExportOptions {
   dtype?: 'float32' | 'float16' | 'bfloat16';
   maxLength?: number;
-  /** The Python with torch: this, else $BLIP2_PYTHON, else python3. */
+  /** The Python with torch: this, else what scripts/python-env.js finds. */
   python?: string;
   /** Receives the exporter's progress lines ("loading weights 1/3 ...", "scripting language model"...). */
   onProgress?: (line: string) => void;
@@ -21,24 +21,53 @@ export class ExportError extends Error {
   }
 }
 
-export function resolvePython(explicit?: string): string {
-  return explicit ?? process.env.BLIP2_PYTHON ?? 'python3';
+interface PythonEnv {
+  findPython(): { python: string; source: string; torch: string } | null;
 }
 
-/** Throws an ExportError saying how to get torch when `python` cannot import it. */
-export function checkPythonHasTorch(python: string): string {
-  const probe = spawnSync(python, ['-c', 'import torch, sys; print(torch.__version__)'], { encoding: 'utf8' });
-  if (probe.error || probe.status !== 0) {
-    const why = probe.error ? (probe.error as NodeJS.ErrnoException).code === 'ENOENT' ? 'was not found' : probe.error.message : 'cannot import torch';
+/** scripts/python-env.js: the one owner of which Python runs the exporter (and builds the addon). */
+function pythonEnv(): PythonEnv {
+  // eslint-disable-next-line @typescript-eslint/no-require-imports
+  return require(path.join(packageRoot(), 'scripts', 'python-env.js')) as PythonEnv;
+}
+
+/**
+ * The exporter's Python: `explicit`, else what scripts/python-env.js finds ($BLIP2_PYTHON, the active
+ * virtualenv, the package's own .venv made at install). Throws an ExportError saying how to get one.
+ */
+export function resolvePython(explicit?: string): string {
+  if (explicit !== undefined) {
+    checkPythonHasTorch(explicit);
+    return explicit;
+  }
+  let found;
+  try {
+    found = pythonEnv().findPython();
+  } catch (e) {
+    throw new ExportError((e as Error).message, 2);
+  }
+  if (!found) {
     throw new ExportError(
-      `Python '${python}' ${why}. The exporter needs Python 3 with torch:\n` +
-        '  - Debian/Ubuntu: apt-get install python3-torch, then use --python /usr/bin/python3 (or BLIP2_PYTHON=/usr/bin/python3)\n' +
-        '  - pip: pip install torch (a CUDA build exports for GPUs too)\n' +
-        'Point --python or BLIP2_PYTHON at that interpreter.',
+      'no Python with torch was found (BLIP2_PYTHON, an active virtualenv, or the package\'s own .venv). ' +
+        `Make the package's environment with: node ${path.join(packageRoot(), 'scripts', 'python-env.js')} setup ` +
+        '(or pass --python / set BLIP2_PYTHON to a Python with torch 2.x and safetensors).',
       2,
     );
   }
-  return probe.stdout.trim();
+  return found.python;
+}
+
+/** Throws an ExportError saying how to get torch when `python` cannot import it. */
+function checkPythonHasTorch(python: string): void {
+  const probe = spawnSync(python, ['-c', 'import torch, safetensors'], { encoding: 'utf8' });
+  if (probe.error || probe.status !== 0) {
+    const why = probe.error ? (probe.error as NodeJS.ErrnoException).code === 'ENOENT' ? 'was not found' : probe.error.message : 'cannot import torch and safetensors';
+    throw new ExportError(
+      `Python '${python}' ${why}. The exporter needs Python 3 with torch 2.x and safetensors ` +
+        `(${python} -m pip install torch safetensors), or drop --python to use the package's own environment.`,
+      2,
+    );
+  }
 }
 
 /** Exports `checkpointDir` into `modelDir`; resolves when the model folder is complete. */
@@ -46,7 +75,6 @@ export function exportCheckpoint(checkpointDir: string, modelDir: string, option
   if (typeof checkpointDir !== 'string' || !checkpointDir) throw InvalidArgumentError.of('checkpointDir', checkpointDir, 'a folder path');
   if (typeof modelDir !== 'string' || !modelDir) throw InvalidArgumentError.of('modelDir', modelDir, 'a folder path');
   const python = resolvePython(options.python);
-  checkPythonHasTorch(python);
   const args = ['-m', 'blip2_export', path.resolve(checkpointDir), path.resolve(modelDir)];
   if (options.dtype) args.push('--dtype', options.dtype);
   if (options.maxLength !== undefined) args.push('--max-length', String(options.maxLength));

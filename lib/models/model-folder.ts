@@ -1,19 +1,34 @@
 // Reads and checks a blip2-node model folder (the exporter's output; format in export/README.md)
-// before any native code touches it, so a missing or damaged file is named precisely.
+// before any native code touches it, so a missing or damaged file is named precisely. Module files
+// are TorchScript, i.e. code: each must match the sha256 the manifest records. Weights are
+// safetensors files whose headers are read here; native code maps them and parses no JSON.
+import { createHash } from 'node:crypto';
+import { createReadStream } from 'node:fs';
 import * as fs from 'node:fs/promises';
 import * as path from 'node:path';
 
+import type { NativeDType, NativeWeights } from '../../typings/binding';
 import { InvalidArgumentError, ModelLoadError } from '../errors';
 
 export interface ManifestModule {
   file: string;
   bytes: number;
+  sha256: string;
   methods: Record<string, { inputs: string[]; outputs: string[] }>;
+  /** Parameter path inside the module → weight key in the safetensors files. */
+  parameters: Record<string, string>;
+}
+
+export interface ManifestWeights {
+  files: Array<{ file: string; bytes: number; sha256: string }>;
+  bytes: number;
+  /** Keys that stay float32 when the model runs in float16 (transformers 5's _keep_in_fp32_modules). */
+  keep_float32: string[];
 }
 
 export interface Manifest {
   format: 'blip2-node-model';
-  format_version: 1;
+  format_version: 2;
   architecture: 'opt' | 't5' | 'itm';
   dtype: 'float32' | 'float16' | 'bfloat16';
   exporter: { version: string; torch: string };
@@ -31,7 +46,18 @@ export interface Manifest {
   language_model: { num_layers: number; num_heads: number; head_dim: number; hidden_size: number; embed_dim: number; max_position_embeddings: number };
   vision: { hidden_size: number; num_layers: number; patch_size: number; num_positions: number };
   qformer: { hidden_size: number; num_layers: number };
+  weights: ManifestWeights;
   modules: Record<string, ManifestModule>;
+}
+
+/** One tensor of the weights files, from their safetensors headers. */
+export interface WeightTensor {
+  key: string;
+  file: number;
+  offset: number;
+  nbytes: number;
+  dtype: NativeDType;
+  shape: number[];
 }
 
 export interface ModelFolder {
@@ -42,9 +68,81 @@ export interface ModelFolder {
   /** generation_config.json, or null when absent. */
   generationConfig: Record<string, unknown> | null;
   modulePath(name: string): string;
+  /** Every tensor of the weights files by key. */
+  weights: Map<string, WeightTensor>;
+  /** What the native loader needs for `modules`: files, tensors, and each module's parameter bindings. */
+  nativeWeights(modules: string[]): { weights: NativeWeights; modules: Record<string, { path: string; parameters: Array<[string, number]> }> };
 }
 
-const SUPPORTED_FORMAT_VERSION = 1;
+const SUPPORTED_FORMAT_VERSION = 2;
+
+const SAFETENSORS_DTYPES: Record<string, NativeDType> = {
+  F32: 'float32', F16: 'float16', BF16: 'bfloat16', F64: 'float64', I64: 'int64', I32: 'int32', I16: 'int16', I8: 'int8', U8: 'uint8', BOOL: 'bool',
+};
+const ELEMENT_BYTES: Record<NativeDType, number> = {
+  float32: 4, float16: 2, bfloat16: 2, float64: 8, int64: 8, int32: 4, int16: 2, int8: 1, uint8: 1, bool: 1,
+};
+// The reference implementation's limit: a larger header is a corrupt length field.
+const MAX_SAFETENSORS_HEADER = 100 * 1024 * 1024;
+
+async function sha256Of(file: string): Promise<string> {
+  const hash = createHash('sha256');
+  for await (const chunk of createReadStream(file)) hash.update(chunk as Buffer);
+  return hash.digest('hex');
+}
+
+/** The tensors of one safetensors file from its header, each checked to lie inside the file. */
+async function readSafetensorsHeader(file: string, fileIndex: number, size: number): Promise<WeightTensor[]> {
+  const damaged = (why: string) => new ModelLoadError(`weights file '${file}' is damaged: ${why}`, { file });
+  const handle = await fs.open(file, 'r').catch((e: Error) => {
+    throw new ModelLoadError(`cannot open weights file '${file}': ${e.message}`, { file });
+  });
+  try {
+    if (size < 8) throw damaged(`it has ${size} bytes, too few for a safetensors header`);
+    const prefix = Buffer.alloc(8);
+    await handle.read(prefix, 0, 8, 0);
+    const headerBytes = Number(prefix.readBigUInt64LE(0));
+    if (headerBytes > MAX_SAFETENSORS_HEADER || 8 + headerBytes > size) throw damaged(`its header length field says ${headerBytes} bytes`);
+    const text = Buffer.alloc(headerBytes);
+    await handle.read(text, 0, headerBytes, 8);
+    let header: Record<string, unknown>;
+    try {
+      header = JSON.parse(text.toString('utf8')) as Record<string, unknown>;
+    } catch (e) {
+      throw damaged(`its header is not JSON (${(e as Error).message})`);
+    }
+    const dataStart = 8 + headerBytes;
+    const tensors: WeightTensor[] = [];
+    for (const [key, entry] of Object.entries(header)) {
+      if (key === '__metadata__') continue;
+      const e = entry as { dtype?: unknown; shape?: unknown; data_offsets?: unknown };
+      const dtype = typeof e.dtype === 'string' ? SAFETENSORS_DTYPES[e.dtype] : undefined;
+      const shape = e.shape;
+      const offsets = e.data_offsets;
+      if (!dtype) throw damaged(`tensor '${key}' has dtype ${JSON.stringify(e.dtype)}`);
+      if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) throw damaged(`tensor '${key}' has shape ${JSON.stringify(shape)}`);
+      if (!Array.isArray(offsets) || offsets.length !== 2 || !offsets.every((d) => Number.isSafeInteger(d) && d >= 0) || offsets[1] < offsets[0]) {
+        throw damaged(`tensor '${key}' has data_offsets ${JSON.stringify(offsets)}`);
+      }
+      const nbytes = offsets[1] - offsets[0];
+      const numel = (shape as number[]).reduce((a, b) => a * b, 1);
+      if (numel * ELEMENT_BYTES[dtype] !== nbytes) throw damaged(`tensor '${key}' has ${nbytes} bytes for shape [${shape.join(', ')}] of ${dtype}`);
+      if (dataStart + offsets[1] > size) throw damaged(`tensor '${key}' lies past the end of the file`);
+      tensors.push({ key, file: fileIndex, offset: dataStart + offsets[0], nbytes, dtype, shape: shape as number[] });
+    }
+    return tensors;
+  } finally {
+    await handle.close();
+  }
+}
+
+function safeChild(dir: string, name: unknown, manifestPath: string, what: string): string {
+  // Model folders are code: a manifest must not point outside its folder.
+  if (typeof name !== 'string' || name.length === 0 || path.isAbsolute(name) || name.split(/[\\/]/).includes('..')) {
+    throw new ModelLoadError(`'${manifestPath}' is damaged: ${what} is ${JSON.stringify(name)}; expected a file name inside the model folder`, { file: manifestPath });
+  }
+  return path.join(dir, name);
+}
 
 async function readJson(file: string, required: boolean): Promise<Record<string, unknown> | null> {
   let text: string;
@@ -104,7 +202,7 @@ export async function readModelFolder(dir: string): Promise<ModelFolder> {
     throw new ModelLoadError(`'${manifestPath}' is damaged: no 'modules'`, { file: manifestPath });
   }
   for (const [name, module] of Object.entries(manifest.modules)) {
-    const file = path.join(dir, module.file);
+    const file = safeChild(dir, module?.file, manifestPath, `modules.${name}.file`);
     const fileStat = await fs.stat(file).catch(() => null);
     if (!fileStat?.isFile()) throw new ModelLoadError(`model file '${file}' (${name}) is missing`, { file });
     if (fileStat.size !== module.bytes) {
@@ -112,6 +210,41 @@ export async function readModelFolder(dir: string): Promise<ModelFolder> {
         `model file '${file}' (${name}) is damaged: it has ${fileStat.size} bytes, the manifest says ${module.bytes}`,
         { file },
       );
+    }
+    // TorchScript runs code: only the exact file the exporter wrote is loaded.
+    const digest = await sha256Of(file);
+    if (digest !== module.sha256) {
+      throw new ModelLoadError(`model file '${file}' (${name}) does not match the sha256 in the manifest (${digest} vs ${JSON.stringify(module.sha256)}): it was changed after export`, { file });
+    }
+    if (!module.parameters || typeof module.parameters !== 'object') {
+      throw new ModelLoadError(`'${manifestPath}' is damaged: modules.${name}.parameters is missing`, { file: manifestPath });
+    }
+  }
+  const weightFiles = manifest.weights?.files;
+  if (!Array.isArray(weightFiles) || weightFiles.length === 0 || !Array.isArray(manifest.weights.keep_float32)) {
+    throw new ModelLoadError(`'${manifestPath}' is damaged: 'weights' must list files and keep_float32`, { file: manifestPath });
+  }
+  const weights = new Map<string, WeightTensor>();
+  const weightPaths: Array<{ path: string; bytes: number }> = [];
+  for (const [i, entry] of weightFiles.entries()) {
+    const file = safeChild(dir, entry?.file, manifestPath, `weights.files[${i}].file`);
+    const fileStat = await fs.stat(file).catch(() => null);
+    if (!fileStat?.isFile()) throw new ModelLoadError(`weights file '${file}' is missing`, { file });
+    if (fileStat.size !== entry.bytes) {
+      throw new ModelLoadError(`weights file '${file}' is damaged: it has ${fileStat.size} bytes, the manifest says ${entry.bytes}`, { file });
+    }
+    weightPaths.push({ path: file, bytes: entry.bytes });
+    for (const tensor of await readSafetensorsHeader(file, i, fileStat.size)) {
+      if (weights.has(tensor.key)) throw new ModelLoadError(`weights file '${file}' repeats tensor '${tensor.key}'`, { file });
+      weights.set(tensor.key, tensor);
+    }
+  }
+  const keepFloat32 = new Set(manifest.weights.keep_float32);
+  for (const [name, module] of Object.entries(manifest.modules)) {
+    for (const [parameter, key] of Object.entries(module.parameters)) {
+      if (!weights.has(key)) {
+        throw new ModelLoadError(`'${manifestPath}' is damaged: parameter '${parameter}' of ${name} needs weight '${key}', which no weights file holds`, { file: manifestPath });
+      }
     }
   }
   const config = (await readJson(path.join(dir, 'config.json'), false)) ?? {};
@@ -125,6 +258,30 @@ export async function readModelFolder(dir: string): Promise<ModelFolder> {
       const module = manifest.modules[name];
       if (!module) throw new ModelLoadError(`'${manifestPath}' lists no module '${name}'`, { file: manifestPath });
       return path.join(dir, module.file);
+    },
+    weights,
+    nativeWeights(names: string[]) {
+      // Only the tensors these modules bind, each once (tied parameters share an index).
+      const tensors: NativeWeights['tensors'] = [];
+      const indexOf = new Map<string, number>();
+      const modules: Record<string, { path: string; parameters: Array<[string, number]> }> = {};
+      for (const name of names) {
+        const module = manifest.modules[name];
+        if (!module) throw new ModelLoadError(`'${manifestPath}' lists no module '${name}'`, { file: manifestPath });
+        const parameters: Array<[string, number]> = [];
+        for (const [parameter, key] of Object.entries(module.parameters)) {
+          let index = indexOf.get(key);
+          if (index === undefined) {
+            const t = weights.get(key) as WeightTensor;
+            index = tensors.length;
+            indexOf.set(key, index);
+            tensors.push({ ...t, keepFloat32: keepFloat32.has(key) });
+          }
+          parameters.push([parameter, index]);
+        }
+        modules[name] = { path: path.join(dir, module.file), parameters };
+      }
+      return { weights: { files: weightPaths, tensors }, modules };
     },
   };
 }

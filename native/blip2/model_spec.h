@@ -9,13 +9,20 @@
 #include <vector>
 
 #include "core/torch_includes.h"
+#include "core/weights.h"
 
 namespace blip2 {
 
 struct ModelSpec {
+  struct Module {
+    std::string path;  // the weight-free TorchScript file
+    std::vector<WeightBinding> bindings;
+  };
   std::string architecture;  // "opt"
-  std::string image_encoder_path;
-  std::string language_model_path;
+  Module image_encoder;
+  Module language_model;
+  std::vector<std::pair<std::string, int64_t>> weight_files;  // path, bytes
+  std::vector<WeightRef> weights;
   c10::Device device{c10::kCPU};
   at::ScalarType dtype = at::kFloat;  // parameters, activations and KV cache
   int64_t num_layers = 0;

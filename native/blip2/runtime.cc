@@ -50,27 +50,27 @@ Blip2Runtime::Blip2Runtime(ModelSpec spec, std::shared_ptr<LoadedModule> image_e
       decode_(language_model_->module.get_method("decode")) {}
 
 std::shared_ptr<Blip2Runtime> Blip2Runtime::Load(const ModelSpec& spec) {
-  auto image_encoder = LoadedModule::Load(spec.image_encoder_path, spec.device);
-  auto language_model = LoadedModule::Load(spec.language_model_path, spec.device);
+  auto image_encoder = LoadedModule::Load(spec.image_encoder.path, spec.device);
+  auto language_model = LoadedModule::Load(spec.language_model.path, spec.device);
   for (const char* method : {"embed_tokens", "forward_full", "forward_cached", "decode"}) {
     if (!language_model->methods.count(method)) {
       throw Error(ErrorCode::kModelLoad,
-                  "model file '" + spec.language_model_path + "' has no method '" + method +
+                  "model file '" + spec.language_model.path + "' has no method '" + method +
                       "'; it was not written by a compatible blip2-node exporter",
-                  {{"file", spec.language_model_path}});
+                  {{"file", spec.language_model.path}});
     }
   }
   if (!image_encoder->methods.count("forward")) {
-    throw Error(ErrorCode::kModelLoad, "model file '" + spec.image_encoder_path + "' has no method 'forward'",
-                {{"file", spec.image_encoder_path}});
+    throw Error(ErrorCode::kModelLoad, "model file '" + spec.image_encoder.path + "' has no method 'forward'",
+                {{"file", spec.image_encoder.path}});
   }
-  // A model may run in another dtype than it was exported in (float32 export → bfloat16 run).
-  for (auto* loaded : {image_encoder.get(), language_model.get()}) {
-    bool matches = true;
-    for (const auto& parameter : loaded->module.parameters()) {
-      if (parameter.is_floating_point() && parameter.scalar_type() != spec.dtype) matches = false;
-    }
-    if (!matches) loaded->module.to(spec.dtype);
+  {
+    // The weights: views of the mapped safetensors files where the stored dtype is the one the
+    // model runs in on the CPU, converted (or uploaded) once otherwise. The store goes away after
+    // binding; the tensors keep their files mapped.
+    WeightStore store(spec.weight_files, spec.weights);
+    store.Bind(image_encoder->module, spec.image_encoder.path, spec.image_encoder.bindings, spec.device, spec.dtype);
+    store.Bind(language_model->module, spec.language_model.path, spec.language_model.bindings, spec.device, spec.dtype);
   }
   if (spec.device.is_cpu() && spec.dtype == at::kFloat && std::getenv("BLIP2_NO_ONEDNN") == nullptr) {
     for (const char* method : {"decode", "forward_cached"}) UseOneDnnLinears(language_model->module, method);

@@ -1,4 +1,4 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Writes test/fixtures/processor/: small images in the colour modes and containers users send,
 and what Pillow 9.4 (the version the transformers reference fixtures were made with) gives for
 each through `Image.open(path).convert("RGB")` — the conversion BlipImageProcessor applies

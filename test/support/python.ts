@@ -2,21 +2,14 @@ import { execFileSync, spawnSync } from 'node:child_process';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
 
+import { resolvePython } from '../../lib/cli/export';
+
 export const REPO_ROOT = path.resolve(__dirname, '..', '..');
 export const CACHE_DIR = path.join(REPO_ROOT, 'test', '.cache');
 
-/** A Python with torch: $BLIP2_PYTHON, else Debian's /usr/bin/python3, else python3. */
+/** The project's Python with torch (scripts/python-env.js: $BLIP2_PYTHON, VIRTUAL_ENV, .venv). */
 export function pythonWithTorch(): string {
-  const candidates = [process.env.BLIP2_PYTHON, '/usr/bin/python3', 'python3'].filter((p): p is string => !!p);
-  for (const python of candidates) {
-    try {
-      execFileSync(python, ['-c', 'import torch'], { stdio: 'ignore' });
-      return python;
-    } catch {
-      // try the next one
-    }
-  }
-  throw new Error(`no Python with torch found (tried ${candidates.join(', ')}); install python3-torch or set BLIP2_PYTHON`);
+  return resolvePython();
 }
 
 /** Runs `build(out)` once per cache key and returns the cached path (test/.cache/<name>). */

@@ -68,12 +68,13 @@ export class Blip2ForConditionalGeneration {
     }
     const dtype: NativeDType = options.dtype ?? manifest.dtype;
     const bos = manifest.special_tokens.bos_token_id ?? 0;
+    const { weights, modules } = folder.nativeWeights(['image_encoder', 'language_model']);
     const native = await withAbort(
       signal,
       (token) => NativeModel.load({
         architecture: 'opt',
-        imageEncoderPath: folder.modulePath('image_encoder'),
-        languageModelPath: folder.modulePath('language_model'),
+        weights,
+        modules: { imageEncoder: modules.image_encoder, languageModel: modules.language_model },
         device,
         dtype,
         numLayers: manifest.language_model.num_layers,

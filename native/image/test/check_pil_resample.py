@@ -1,10 +1,10 @@
-#!/usr/bin/python3
+#!/usr/bin/env python3
 """Proves native/image/pil_resample.cc equals Pillow's Image.resize byte for byte.
 
-Run from the repository root with Debian's interpreter, which carries Pillow 9.4.0 (the version
-the reference fixtures were made with):
+Run from the repository root with the project environment's Python (Pillow 12.3; Pillow 9.4.0, the
+version the reference fixtures were made with, matches too):
 
-    /usr/bin/python3 native/image/test/check_pil_resample.py [--cases N] [--seed S] [--quick]
+    .venv/bin/python native/image/test/check_pil_resample.py [--cases N] [--seed S] [--quick]
         [--sanitize]
 
 Checks two things against PIL: the double filter weights, read exactly (to 2^-30) through PIL's
