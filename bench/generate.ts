@@ -28,9 +28,9 @@ const batches = arg('batches', '1,8').split(',').map(Number);
 const threads = Number(arg('threads', '2'));
 const newTokens = Number(arg('new-tokens', '20'));
 const runs = Number(arg('runs', '5'));
-// 'onednn': the default runtime; 'blas': with BLIP2_NO_ONEDNN=1 (the oneDNN matrix-vector rewrite off),
-// to show what that rewrite is worth.
-const variants = arg('variants', 'onednn,blas').split(',');
+// 'auto': the default runtime (the product kernel where the load-time timing chose it); 'plain':
+// BLIP2_LINEAR_KERNEL=off (libtorch's products only), to show what the kernel is worth.
+const variants = arg('variants', 'auto,plain').split(',');
 
 function run(cmd: string, args: string[], cwd = ROOT): void {
   const r = spawnSync(cmd, args, { cwd, stdio: ['ignore', 'ignore', 'inherit'] });
@@ -70,8 +70,8 @@ interface Row { impl: string; model: string; batch: number; threads: number; ttf
 
 async function benchNode(preset: string, modelDir: string, batch: number, variant: string): Promise<Row> {
   // Read by the runtime when it loads a model.
-  if (variant === 'blas') process.env.BLIP2_NO_ONEDNN = '1';
-  else delete process.env.BLIP2_NO_ONEDNN;
+  if (variant === 'plain') process.env.BLIP2_LINEAR_KERNEL = 'off';
+  else delete process.env.BLIP2_LINEAR_KERNEL;
   const model = await Blip2ForConditionalGeneration.fromPretrained(modelDir);
   const pixels = randomPixels(batch, model.manifest.image_size[0], 1);
   const once = async () => {
@@ -94,7 +94,7 @@ async function benchNode(preset: string, modelDir: string, batch: number, varian
   for (let i = 0; i < runs; i++) results.push(await once());
   model.dispose();
   return {
-    impl: variant === 'blas' ? 'blip2-node (BLIP2_NO_ONEDNN=1)' : 'blip2-node', model: preset, batch, threads,
+    impl: variant === 'plain' ? 'blip2-node (BLIP2_LINEAR_KERNEL=off)' : 'blip2-node', model: preset, batch, threads,
     ttft_ms: +median(results.map((r) => r.ttft)).toFixed(3),
     ms_per_token: +median(results.map((r) => r.perToken)).toFixed(3),
     total_ms: +median(results.map((r) => r.total)).toFixed(3),

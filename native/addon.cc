@@ -17,6 +17,7 @@
 #include "core/stats.h"
 #include "core/tensor.h"
 #include "image/preprocess.h"
+#include "kernels/linear.h"
 
 namespace blip2 {
 namespace {
@@ -43,6 +44,7 @@ Napi::Value Versions(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Object versions = Napi::Object::New(env);
   versions.Set("libtorch", TORCH_VERSION);
+  versions.Set("linearKernel", LinearKernelIsa());
   const auto& cuda = at::detail::getCUDAHooks();
   if (cuda.hasCUDART()) {
     long v = cuda.versionCUDART();  // e.g. 12040 → "12.4"
@@ -69,7 +71,6 @@ Napi::Value GetStats(const Napi::CallbackInfo& info) {
   stats.Set("generatedTokens", static_cast<double>(Stats::generated_tokens.load()));
   stats.Set("decodeHostReadBytes", static_cast<double>(Stats::decode_host_read_bytes.load()));
   stats.Set("decodeSteps", static_cast<double>(Stats::decode_steps.load()));
-  stats.Set("oneDnnLinears", static_cast<double>(Stats::onednn_linears.load()));
   stats.Set("pendingCpuTasks", static_cast<double>(Executor::For(c10::Device(c10::kCPU)).pending()));
   return stats;
 }
@@ -95,6 +96,26 @@ Napi::Value GetNumThreads(const Napi::CallbackInfo& info) {
       [](Napi::Env env, int& result) -> Napi::Value { return Napi::Number::New(env, result); });
 }
 
+// Tests only: one product through blip2::linear's kernel or at::linear, to compare the two.
+Napi::Value LinearForTesting(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return GuardJs(env, [&]() -> Napi::Value {
+    auto x = NativeTensor::FromValue(info[0], "x")->box();
+    auto w = NativeTensor::FromValue(info[1], "weight")->box();
+    std::shared_ptr<TensorBox> b;
+    if (!info[2].IsNull() && !info[2].IsUndefined()) b = NativeTensor::FromValue(info[2], "bias")->box();
+    bool kernel = info[3].ToBoolean().Value();
+    return RunAsync<at::Tensor>(
+        env, c10::Device(c10::kCPU),
+        [x, w, b, kernel]() {
+          c10::optional<at::Tensor> bias;
+          if (b) bias = b->Get();
+          return kernel ? Blip2LinearKernel(x->Get(), w->Get(), bias) : at::linear(x->Get(), w->Get(), bias);
+        },
+        [](Napi::Env env, at::Tensor& out) -> Napi::Value { return NativeTensor::NewInstance(env, out); });
+  });
+}
+
 }  // namespace
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -111,6 +132,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("stats", Napi::Function::New(env, GetStats, "stats"));
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads, "setNumThreads"));
   exports.Set("getNumThreads", Napi::Function::New(env, GetNumThreads, "getNumThreads"));
+  exports.Set("linearForTesting", Napi::Function::New(env, LinearForTesting, "linearForTesting"));
   exports.Set("preprocessImages", Napi::Function::New(env, image::PreprocessImages, "preprocessImages"));
   return exports;
 }

@@ -1,43 +1,74 @@
 import { strict as assert } from 'node:assert';
 
-import { Blip2ForConditionalGeneration, Tensor, stats } from '../lib';
+import { Blip2ForConditionalGeneration, Tensor, versions } from '../lib';
+import { binding } from '../lib/native/binding';
 import { ids, rowsOf } from './support/fixtures';
 import { smallModel } from './support/python';
 import { referenceGreedy } from './support/reference';
 
-describe('oneDNN for one-row CPU products (native/core/graph_passes)', () => {
-  let modelDir: string;
-  before(() => {
-    modelDir = smallModel();
+/** Deterministic values in [-1, 1). */
+function values(n: number, seed: number): Float32Array {
+  let state = seed >>> 0 || 1;
+  return Float32Array.from({ length: n }, () => ((state = (Math.imul(state, 1664525) + 1013904223) >>> 0) / 2147483648) - 1);
+}
+
+async function linear(x: Tensor, w: Tensor, b: Tensor | null, kernel: boolean): Promise<Float32Array> {
+  const out = Tensor.fromNative(await binding.linearForTesting(Tensor.native(x, 'x'), Tensor.native(w, 'w'), b ? Tensor.native(b, 'b') : null, kernel));
+  const f32 = out.dtype === 'float32' ? out : await out.to({ dtype: 'float32' });
+  return (await f32.toArray()) as Float32Array;
+}
+
+describe('blip2::linear, the decode-step product kernel (native/kernels/linear)', () => {
+  it(`equals at::linear for float32, bfloat16 and float16 weights, 1 to 4 rows, sizes with vector tails (${versions.linearKernel})`, async function () {
+    if (versions.linearKernel === 'none') this.skip();
+    for (const dtype of ['float32', 'bfloat16', 'float16'] as const) {
+      for (const [out, inn] of [[64, 48], [37, 129], [1000, 768], [5, 3]]) {
+        for (const rows of [1, 2, 3, 4]) {
+          const x = await Tensor.from(values(rows * inn, 1 + rows), [rows, inn]).to({ dtype });
+          const w = await Tensor.from(values(out * inn, 7 + out), [out, inn]).to({ dtype });
+          const b = await Tensor.from(values(out, 3), [out]).to({ dtype });
+          for (const bias of [b, null]) {
+            const ours = await linear(x, w, bias, true);
+            const ref = await linear(x, w, bias, false);
+            // float32 accumulation on both sides, in another order; half outputs round once.
+            const tol = dtype === 'float32' ? 2e-5 * Math.sqrt(inn) : dtype === 'bfloat16' ? 0.02 * Math.sqrt(inn) / 8 : 2e-3 * Math.sqrt(inn);
+            let worst = 0;
+            for (let i = 0; i < ref.length; i++) worst = Math.max(worst, Math.abs(ours[i] - ref[i]));
+            assert.ok(worst <= tol, `${dtype} [${rows}x${inn}]·[${out}x${inn}]ᵀ bias=${bias !== null}: max |Δ| ${worst} > ${tol}`);
+          }
+        }
+      }
+    }
   });
 
-  function pixels(): Tensor {
-    const data = new Float32Array(3 * 56 * 56).map((_, i) => Math.sin(i * 0.37));
-    return Tensor.from(data, [1, 3, 56, 56]);
-  }
+  it('is chosen per weight shape by timing at load; greedy tokens equal the plain path and a forward()-only decoder', async () => {
+    const modelDir = smallModel();
+    const timed = await Blip2ForConditionalGeneration.fromPretrained(modelDir);
+    const decisions = timed.linearKernels;
+    if (versions.linearKernel !== 'none') {
+      // Every LM matrix shape, at 1 and 4 rows, was timed both ways.
+      assert.ok(decisions.length >= 8, JSON.stringify(decisions));
+      for (const d of decisions) assert.ok(d.plainMs > 0 && d.kernelMs > 0 && d.useKernel === d.kernelMs < d.plainMs, JSON.stringify(d));
+    }
+    process.env.BLIP2_LINEAR_KERNEL = 'on';
+    const forced = await Blip2ForConditionalGeneration.fromPretrained(modelDir);
+    process.env.BLIP2_LINEAR_KERNEL = 'off';
+    const plain = await Blip2ForConditionalGeneration.fromPretrained(modelDir);
+    delete process.env.BLIP2_LINEAR_KERNEL;
+    assert.deepEqual(plain.linearKernels, []);
+    if (versions.linearKernel !== 'none') assert.ok(forced.linearKernels.every((d) => d.useKernel));
 
-  it('rewrites the language model linears at load, and generates what the BLAS path and a forward()-only decoder generate', async () => {
-    const before = stats().oneDnnLinears;
-    const model = await Blip2ForConditionalGeneration.fromPretrained(modelDir);
-    // decode and forward_cached: 2 layers x 6 linears + the LM head, each.
-    assert.equal(stats().oneDnnLinears - before, 26);
-    process.env.BLIP2_NO_ONEDNN = '1';
-    const blas = await Blip2ForConditionalGeneration.fromPretrained(modelDir);
-    delete process.env.BLIP2_NO_ONEDNN;
-    assert.equal(stats().oneDnnLinears - before, 26, 'BLIP2_NO_ONEDNN=1 keeps BLAS');
-
-    const prompt = [...Array(8).fill(model.manifest.image_token_index), 2, 40, 41, 42];
-    const [viaOneDnn] = await rowsOf(await model.generate({ pixelValues: pixels(), inputIds: ids([prompt]) }, { maxNewTokens: 16, eosTokenId: [] }));
-    const [viaBlas] = await rowsOf(await blas.generate({ pixelValues: pixels(), inputIds: ids([prompt]) }, { maxNewTokens: 16, eosTokenId: [] }));
-    const reference = await referenceGreedy(model, pixels(), prompt, 16);
-    assert.deepEqual(viaOneDnn.slice(prompt.length), reference);
-    assert.deepEqual(viaBlas.slice(prompt.length), reference);
-    // Batched steps (several rows) take the BLAS branch of the same rewritten graph.
+    const pixels = Tensor.from(new Float32Array(3 * 56 * 56).map((_, i) => Math.sin(i * 0.37)), [1, 3, 56, 56]);
+    const prompt = [...Array(8).fill(timed.manifest.image_token_index), 2, 40, 41, 42];
+    const generate = async (model: Blip2ForConditionalGeneration) =>
+      (await rowsOf(await model.generate({ pixelValues: pixels, inputIds: ids([prompt]) }, { maxNewTokens: 16, eosTokenId: [] })))[0];
+    const reference = await referenceGreedy(plain, pixels, prompt, 16);
+    for (const model of [timed, forced, plain]) assert.deepEqual((await generate(model)).slice(prompt.length), reference);
+    // Batched steps (2 rows) go through the 4-row kernel when forced.
     const two = Tensor.from(new Float32Array(2 * 3 * 56 * 56).map((_, i) => Math.sin((i % (3 * 56 * 56)) * 0.37)), [2, 3, 56, 56]);
-    const rows = await rowsOf(await model.generate({ pixelValues: two, inputIds: ids([prompt, prompt]) }, { maxNewTokens: 16, eosTokenId: [] }));
-    assert.deepEqual(rows[0], viaOneDnn);
-    assert.deepEqual(rows[1], viaOneDnn);
-    model.dispose();
-    blas.dispose();
+    const rows = await rowsOf(await forced.generate({ pixelValues: two, inputIds: ids([prompt, prompt]) }, { maxNewTokens: 16, eosTokenId: [] }));
+    assert.deepEqual(rows[0].slice(prompt.length), reference);
+    assert.deepEqual(rows[1].slice(prompt.length), reference);
+    for (const model of [timed, forced, plain]) model.dispose();
   });
 });

@@ -63,13 +63,13 @@ export interface NativeStats {
   /** Bytes the decoding loops read from tensors into host memory (the chosen ids), on any device. */
   decodeHostReadBytes: number;
   decodeSteps: number;
-  /** Linears of loaded models that run one-row CPU products through oneDNN (see native/core/graph_passes.h). */
-  oneDnnLinears: number;
   pendingCpuTasks: number;
 }
 
 export interface NativeVersions {
   libtorch: string;
+  /** The instruction set of blip2::linear's CPU kernels here: 'avx512', 'avx2' or 'none'. */
+  linearKernel: 'avx512' | 'avx2' | 'none';
   cuda: string | null;
   builtWithCuda: boolean;
 }
@@ -175,9 +175,23 @@ export interface NativeGenerateResult {
   sequencesScores: NativeTensor | null;
 }
 
+/** What the load-time timing chose for one weight shape of the language model (native/kernels/linear.h). */
+export interface NativeLinearDecision {
+  outFeatures: number;
+  inFeatures: number;
+  dtype: NativeDType;
+  /** Rows per product: 1, or up to 4. */
+  rows: number;
+  /** Milliseconds per product: at::linear, and blip2::linear's kernel (0 when not timed). */
+  plainMs: number;
+  kernelMs: number;
+  useKernel: boolean;
+}
+
 export interface NativeBlip2Model {
   readonly device: string;
   readonly dtype: NativeDType;
+  readonly linearKernels: NativeLinearDecision[];
   /** pixel values → language_model_inputs [B, Q, E] (vision model, Q-Former, projection). */
   encodeImages(pixelValues: NativeTensor, cancelToken?: NativeCancelToken): Promise<NativeTensor>;
   /** Hugging Face's forward: logits [B, T (+Q for inputs without <image> tokens), V] float32. */
@@ -206,6 +220,8 @@ export interface NativeBinding {
   versions(): NativeVersions;
   stats(): NativeStats;
   setNumThreads(threads: number): Promise<number>;
+  /** Tests only: x·weightᵀ + bias through blip2::linear's CPU kernel (`kernel` true) or at::linear. */
+  linearForTesting(x: NativeTensor, weight: NativeTensor, bias: NativeTensor | null, kernel: boolean): Promise<NativeTensor>;
   getNumThreads(): Promise<number>;
   /**
    * BlipImageProcessor's pixel pipeline: convert("RGB") (alpha dropped) and PIL-exact resize on a CPU pool,

@@ -20,12 +20,14 @@ export interface Versions {
   libtorch: string;
   /** The CUDA runtime libtorch uses, or null for a CPU-only libtorch. */
   cuda: string | null;
+  /** The instruction set of the runtime's CPU product kernel ('avx512', 'avx2'; 'none': libtorch's only). */
+  linearKernel: 'avx512' | 'avx2' | 'none';
 }
 
 export const versions: Versions = (() => {
   const native = binding.versions();
   const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
-  return Object.freeze({ package: pkg.version, libtorch: native.libtorch, cuda: native.cuda });
+  return Object.freeze({ package: pkg.version, libtorch: native.libtorch, cuda: native.cuda, linearKernel: native.linearKernel });
 })();
 
 /** Sets libtorch's intra-op CPU threads (the CPU executor's thread pool); resolves to the count in effect. */

@@ -91,7 +91,8 @@ Napi::Function NativeBlip2Model::Init(Napi::Env env) {
                       InstanceMethod<&NativeBlip2Model::Generate>("generate"),
                       InstanceMethod<&NativeBlip2Model::Dispose>("dispose"),
                       InstanceAccessor<&NativeBlip2Model::GetDevice>("device"),
-                      InstanceAccessor<&NativeBlip2Model::GetDType>("dtype")});
+                      InstanceAccessor<&NativeBlip2Model::GetDType>("dtype"),
+                      InstanceAccessor<&NativeBlip2Model::GetLinearKernels>("linearKernels")});
 }
 
 NativeBlip2Model::NativeBlip2Model(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeBlip2Model>(info) {
@@ -185,6 +186,25 @@ Napi::Value NativeBlip2Model::GetDevice(const Napi::CallbackInfo& info) {
 
 Napi::Value NativeBlip2Model::GetDType(const Napi::CallbackInfo& info) {
   return Napi::String::New(info.Env(), runtime_ ? DTypeName(runtime_->spec().dtype) : "");
+}
+
+Napi::Value NativeBlip2Model::GetLinearKernels(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array out = Napi::Array::New(env);
+  if (!runtime_) return out;
+  uint32_t i = 0;
+  for (const LinearDecision& d : runtime_->linear_decisions()) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("outFeatures", static_cast<double>(d.out_features));
+    o.Set("inFeatures", static_cast<double>(d.in_features));
+    o.Set("dtype", DTypeName(d.dtype));
+    o.Set("rows", static_cast<double>(d.rows));
+    o.Set("plainMs", d.plain_ms);
+    o.Set("kernelMs", d.kernel_ms);
+    o.Set("useKernel", d.use_kernel);
+    out.Set(i++, o);
+  }
+  return out;
 }
 
 }  // namespace blip2

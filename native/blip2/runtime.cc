@@ -4,7 +4,7 @@
 #include <cstdlib>
 
 #include "core/errors.h"
-#include "core/graph_passes.h"
+#include "kernels/linear.h"
 #include "core/stats.h"
 #include "core/tensor.h"
 
@@ -72,10 +72,24 @@ std::shared_ptr<Blip2Runtime> Blip2Runtime::Load(const ModelSpec& spec) {
     store.Bind(image_encoder->module, spec.image_encoder.path, spec.image_encoder.bindings, spec.device, spec.dtype);
     store.Bind(language_model->module, spec.language_model.path, spec.language_model.bindings, spec.device, spec.dtype);
   }
-  if (spec.device.is_cpu() && spec.dtype == at::kFloat && std::getenv("BLIP2_NO_ONEDNN") == nullptr) {
-    for (const char* method : {"decode", "forward_cached"}) UseOneDnnLinears(language_model->module, method);
+  auto runtime = std::shared_ptr<Blip2Runtime>(new Blip2Runtime(spec, std::move(image_encoder), std::move(language_model)));
+  runtime->ChooseLinearKernels();
+  return runtime;
+}
+
+void Blip2Runtime::ChooseLinearKernels() {
+  // BLIP2_LINEAR_KERNEL: auto (default: timed here, on this machine), on (tests), off.
+  const char* env = std::getenv("BLIP2_LINEAR_KERNEL");
+  std::string mode = env ? env : "auto";
+  if (!spec_.device.is_cpu() || mode == "off") return;
+  std::vector<at::Tensor> matrices;
+  for (const at::Tensor& p : language_model_->module.parameters()) {
+    if (p.dim() == 2) matrices.push_back(p);
   }
-  return std::shared_ptr<Blip2Runtime>(new Blip2Runtime(spec, std::move(image_encoder), std::move(language_model)));
+  linear_decisions_ = DecideLinearKernels(matrices, mode == "on" ? LinearKernelMode::kAlways : LinearKernelMode::kAuto);
+  bool any = std::any_of(linear_decisions_.begin(), linear_decisions_.end(), [](const LinearDecision& d) { return d.use_kernel; });
+  if (!any) return;
+  for (const char* method : {"decode", "forward_cached"}) UseBlip2Linear(language_model_->module, method);
 }
 
 at::Tensor Blip2Runtime::EncodeImages(const at::Tensor& pixel_values) {

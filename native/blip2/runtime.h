@@ -10,6 +10,7 @@
 #include "blip2/model_spec.h"
 #include "core/script_module.h"
 #include "core/torch_includes.h"
+#include "kernels/linear.h"
 
 namespace blip2 {
 
@@ -40,6 +41,8 @@ class Blip2Runtime {
   static std::shared_ptr<Blip2Runtime> Load(const ModelSpec& spec);
 
   const ModelSpec& spec() const { return spec_; }
+  // What the load-time timing chose for the language model's products (kernels/linear.h).
+  const std::vector<LinearDecision>& linear_decisions() const { return linear_decisions_; }
 
   // pixel_values [B,3,H,W] (any float dtype, any device) → language_model_inputs [B,Q,E].
   at::Tensor EncodeImages(const at::Tensor& pixel_values);
@@ -61,6 +64,7 @@ class Blip2Runtime {
  private:
   Blip2Runtime(ModelSpec spec, std::shared_ptr<LoadedModule> image_encoder, std::shared_ptr<LoadedModule> language_model);
   at::Tensor EmbedTokens(const at::Tensor& input_ids_cpu);
+  void ChooseLinearKernels();
   // Counts of <image> tokens per row; throws unless each is 0 or num_query_tokens.
   std::vector<int64_t> ImageTokenCounts(const at::Tensor& input_ids) const;
 
@@ -71,6 +75,7 @@ class Blip2Runtime {
   torch::jit::Method forward_full_;
   torch::jit::Method forward_cached_;
   torch::jit::Method decode_;
+  std::vector<LinearDecision> linear_decisions_;
 };
 
 // Host indices (slots, positions, rows) as an int64 tensor on `device`.

@@ -16,8 +16,6 @@ struct Stats {
   // a read, not a copy, but it shows what would cross the bus on a GPU).
   static inline std::atomic<int64_t> decode_host_read_bytes{0};
   static inline std::atomic<int64_t> decode_steps{0};
-  // Linears of loaded models rewritten to oneDNN (native/core/graph_passes.h).
-  static inline std::atomic<int64_t> onednn_linears{0};
 };
 
 }  // namespace blip2

@@ -1,5 +1,5 @@
 // Blip2ForConditionalGeneration (OPT language models): captioning and visual question answering.
-import type { NativeBlip2Model, NativeCancelToken, NativeDType, NativeStepEvent } from '../../../typings/binding';
+import type { NativeBlip2Model, NativeCancelToken, NativeDType, NativeLinearDecision, NativeStepEvent } from '../../../typings/binding';
 import { AbortError, InvalidArgumentError } from '../../errors';
 import { type GenerateOptions, type GenerationStep, resolveGenerateOptions } from '../../generation/options';
 import { binding } from '../../native/binding';
@@ -99,6 +99,15 @@ export class Blip2ForConditionalGeneration {
   }
   get dtype(): 'float32' | 'float16' | 'bfloat16' {
     return this.#native.dtype as 'float32' | 'float16' | 'bfloat16';
+  }
+
+  /**
+   * What the load-time timing chose for each weight shape of the language model on this CPU: the
+   * runtime's one-row product kernel, or libtorch's (empty on other devices or with
+   * BLIP2_LINEAR_KERNEL=off).
+   */
+  get linearKernels(): NativeLinearDecision[] {
+    return this.#native.linearKernels;
   }
 
   /** Query embeddings in the language model's space, [B, num_query_tokens, hidden] (vision → Q-Former → projection). */

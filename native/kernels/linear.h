@@ -1,0 +1,59 @@
+// blip2::linear, a TorchScript operator for the language model's decode-step products.
+//
+// A decode step multiplies one row (or a few) by every weight matrix: pure weight streaming,
+// bound by memory bandwidth. libtorch's CPU path for that case is far from the bound on the
+// machines we measured: MKL runs one-row float32 products on one thread (21 GB/s where two
+// threads read 50 GB/s), and bfloat16 ones go through a scalar fallback (the 50272x768 OPT head:
+// 141 ms instead of ~3). blip2::linear splits the output rows over the intra-op threads and streams
+// the weights with AVX-512 or AVX2 FMA kernels (float32, bfloat16 and float16 weights, float32
+// accumulation); anything else (more rows, other devices, strided inputs, a CPU without AVX2)
+// calls at::linear.
+//
+// Whether the kernel is used is decided per weight shape, dtype and row count by timing both
+// paths on the model's own weights at load (Decide); until decided, and wherever libtorch was as
+// fast, at::linear runs. So the kernel can only make a model faster on the machine it runs on.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/torch_includes.h"
+
+namespace blip2 {
+
+// Rows (x.numel() / in_features) up to which the kernel may be used.
+constexpr int64_t kMaxKernelRows = 4;
+
+// Which instruction set the kernel runs with here: "avx512", "avx2" or "none" (never used).
+const char* LinearKernelIsa();
+
+struct LinearDecision {
+  int64_t out_features = 0;
+  int64_t in_features = 0;
+  at::ScalarType dtype = at::kFloat;
+  int64_t rows = 1;
+  double plain_ms = 0;   // at::linear
+  double kernel_ms = 0;  // blip2::linear's kernel
+  bool use_kernel = false;
+};
+
+enum class LinearKernelMode {
+  kAuto,    // time both paths, keep the faster (the default)
+  kAlways,  // use the kernel wherever it applies, no timing (tests: BLIP2_LINEAR_KERNEL=on)
+};
+
+// Times both paths for each distinct weight (by shape and dtype) at 1 and kMaxKernelRows rows and
+// records the faster one. `weights` are [out, in] matrices of the model (their own memory, so the
+// timing sees the real cache behaviour). Returns what was decided.
+std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& weights, LinearKernelMode mode);
+
+// Rewrites every aten::linear in `method`'s graph (inlined first) to blip2::linear. Returns how many.
+int UseBlip2Linear(torch::jit::Module& module, const std::string& method);
+
+// The operator itself (also callable directly, e.g. from tests).
+at::Tensor Blip2Linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+// The kernel alone, no policy (x: [rows, in] contiguous, weight [out, in] contiguous).
+at::Tensor Blip2LinearKernel(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+
+}  // namespace blip2
