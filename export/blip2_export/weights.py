@@ -134,6 +134,8 @@ def write(reader: CheckpointReader, weight_plan: WeightPlan, out_dir: str, targe
     names = (["weights.safetensors"] if len(shards) == 1 else
              [f"weights-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     written = WrittenWeights(total_bytes=total)
+    if report is not None:
+        report(f"weights to write: {total} bytes in {len(names)} file(s)")
     done = 0
     for name, keys in zip(names, shards):
         sources = reader.read([weight_plan.copies[k] for k in keys if k in weight_plan.copies])

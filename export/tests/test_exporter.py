@@ -41,6 +41,8 @@ class CommandLine(unittest.TestCase):
         self.assertIn("progress: checkpoint: 1 file(s), 123 tensors", lines)
         self.assertIn("progress: scripting language model", lines)
         self.assertTrue(any(re.match(r"progress: weights written (\d+)/\1 bytes", line) for line in lines), lines)
+        # blip2 export (lib/cli/export-display.ts) shows the total from the start with this line.
+        self.assertTrue(any(re.match(r"progress: weights to write: \d+ bytes in 1 file\(s\)$", line) for line in lines), lines)
 
         with open(os.path.join(out, "manifest.json")) as f:
             m = json.load(f)

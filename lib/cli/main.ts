@@ -1,14 +1,15 @@
 #!/usr/bin/env node
 // The `blip2` command: export checkpoints, caption images.
-import * as fs from 'node:fs';
-import * as path from 'node:path';
-
 import { Blip2Error } from '../errors';
-import { Blip2ForConditionalGeneration } from '../models/blip2/modeling-blip2';
 import { packageRoot } from '../native/binding';
-import { Blip2Processor } from '../processing';
 import { versions } from '../runtime/device';
+import { CaptionUsageError, runCaption } from './caption';
+import { ExportDisplay, manifestSummary } from './export-display';
 import { ExportError, exportCheckpoint } from './export';
+import { IMAGE_EXTENSIONS } from './files';
+
+const DEFAULT_BATCH = 8;
+const DEFAULT_CONCURRENCY = 2;
 
 const USAGE = `blip2 — BLIP-2 for Node.js
 
@@ -16,26 +17,54 @@ Usage:
   blip2 export <hf-checkpoint-dir> <model-dir> [--dtype float32|float16|bfloat16] [--max-length N] [--python PATH]
       Turns a Hugging Face BLIP-2 OPT checkpoint (model.safetensors, sharded safetensors or
       pytorch_model.bin) into a model folder. Needs Python 3 with torch (--python, $BLIP2_PYTHON, python3).
-  blip2 caption <image>... --model <model-dir> [--prompt TEXT] [--device cpu|cuda[:N]]
-                [--max-new-tokens N] [--num-beams N] [--json]
-      Captions images (or answers --prompt about them), e.g. --prompt "Question: what is shown? Answer:".
+      Shows the weights written, the modules scripted and the files written, then a summary.
+  blip2 caption <file|folder|glob>... --model <model-dir> [--prompt TEXT] [--json | --jsonl]
+                [--batch N] [--concurrency N] [--max-new-tokens N] [--num-beams N] [--device cpu|cuda[:N]]
+      Captions images (or answers --prompt about them, e.g. --prompt "Question: what is shown? Answer:").
+      Folders are searched recursively for ${IMAGE_EXTENSIONS.join(', ')} files.
+      --json: one JSON array at the end; --jsonl: one JSON line per file as it finishes; each
+      { file, text, tokens, ms } (and error for a file that failed). Otherwise lines "file: text".
+      --batch N: images per generate call (default ${DEFAULT_BATCH}); --concurrency N: calls in flight
+      (default ${DEFAULT_CONCURRENCY}); --device: default cpu; --max-new-tokens, --num-beams: default the
+      model's generation_config.json. A file that cannot be read or decoded is reported and the run
+      goes on. Exit status: 0 all captioned, 1 some failed, 2 usage error.
   blip2 version
 `;
+
+/** Flags each command takes; `true`: a switch without a value. */
+const FLAGS: Record<string, Record<string, boolean>> = {
+  export: { dtype: false, 'max-length': false, python: false },
+  caption: {
+    model: false, prompt: false, device: false, 'max-new-tokens': false, 'num-beams': false, batch: false, concurrency: false,
+    json: true, jsonl: true,
+  },
+};
 
 interface Parsed {
   positional: string[];
   flags: Map<string, string | true>;
 }
 
-function parse(argv: string[]): Parsed {
+function parse(command: string, argv: string[]): Parsed {
+  const known = FLAGS[command] ?? {};
   const positional: string[] = [];
   const flags = new Map<string, string | true>();
   for (let i = 0; i < argv.length; i++) {
     const a = argv[i];
-    if (a.startsWith('--')) {
-      const [name, inline] = a.slice(2).split('=', 2);
-      if (inline !== undefined) flags.set(name, inline);
-      else if (['json', 'help'].includes(name)) flags.set(name, true);
+    if (a === '--') {
+      positional.push(...argv.slice(i + 1));
+      break;
+    }
+    if (a === '-h' || a === '--help') {
+      flags.set('help', true);
+    } else if (a.startsWith('--')) {
+      const eq = a.indexOf('=');
+      const name = a.slice(2, eq < 0 ? undefined : eq);
+      if (!(name in known)) throw new UsageError(`unknown option --${name}${command in FLAGS ? ` for ${command}` : ''}`);
+      if (known[name]) {
+        if (eq >= 0) throw new UsageError(`--${name} takes no value`);
+        flags.set(name, true);
+      } else if (eq >= 0) flags.set(name, a.slice(eq + 1));
       else if (i + 1 < argv.length) flags.set(name, argv[++i]);
       else throw new UsageError(`--${name} needs a value`);
     } else {
@@ -52,74 +81,78 @@ function flag(p: Parsed, name: string): string | undefined {
   return typeof v === 'string' ? v : undefined;
 }
 
-function intFlag(p: Parsed, name: string): number | undefined {
+function intFlag(p: Parsed, name: string, min = 1): number | undefined {
   const v = flag(p, name);
   if (v === undefined) return undefined;
   const n = Number(v);
-  if (!Number.isInteger(n)) throw new UsageError(`--${name} must be an integer, got '${v}'`);
+  if (v.trim() === '' || !Number.isSafeInteger(n) || n < min) throw new UsageError(`--${name} must be an integer >= ${min}, got '${v}'`);
   return n;
 }
 
 async function runExport(p: Parsed): Promise<void> {
-  const [checkpoint, out] = p.positional;
+  const [checkpoint, out, extra] = p.positional;
   if (!checkpoint || !out) throw new UsageError('export needs <hf-checkpoint-dir> and <model-dir>');
+  if (extra !== undefined) throw new UsageError(`export takes two folders, got also '${extra}'`);
   const dtype = flag(p, 'dtype');
   if (dtype !== undefined && !['float32', 'float16', 'bfloat16'].includes(dtype)) throw new UsageError(`--dtype must be float32, float16 or bfloat16, got '${dtype}'`);
-  const started = Date.now();
-  await exportCheckpoint(checkpoint, out, {
-    dtype: dtype as 'float32' | undefined,
-    maxLength: intFlag(p, 'max-length'),
-    python: flag(p, 'python'),
-    onProgress: (line) => process.stderr.write(`[${((Date.now() - started) / 1000).toFixed(1)}s] ${line}\n`),
-  });
-  process.stderr.write(`exported ${checkpoint} → ${out}\n`);
+  process.stderr.write(`blip2 export: ${checkpoint} → ${out}\n`);
+  const display = new ExportDisplay(process.stderr, out);
+  const onSigint = (): void => {
+    display.finish(false);
+    process.exit(130);
+  };
+  process.once('SIGINT', onSigint);
+  try {
+    await exportCheckpoint(checkpoint, out, {
+      dtype: dtype as 'float32' | undefined,
+      maxLength: intFlag(p, 'max-length'),
+      python: flag(p, 'python'),
+      onProgress: (line) => display.line(line),
+    });
+  } catch (e) {
+    display.finish(false);
+    throw e;
+  } finally {
+    process.removeListener('SIGINT', onSigint);
+  }
+  display.finish(true);
+  process.stdout.write(manifestSummary(out));
 }
 
-async function runCaption(p: Parsed): Promise<void> {
-  const images = p.positional;
+async function runCaptionCommand(p: Parsed): Promise<number> {
   const modelDir = flag(p, 'model');
-  if (images.length === 0) throw new UsageError('caption needs at least one image');
+  if (p.positional.length === 0) throw new UsageError('caption needs at least one image, folder or pattern');
   if (!modelDir) throw new UsageError('caption needs --model <model-dir>');
-  const device = flag(p, 'device') ?? 'cpu';
-  const [processor, model] = await Promise.all([
-    Blip2Processor.fromPretrained(modelDir),
-    Blip2ForConditionalGeneration.fromPretrained(modelDir, { device }),
-  ]);
-  const prompt = flag(p, 'prompt') ?? '';
-  const started = performance.now();
-  const inputs = await processor.process({ images, text: images.map(() => prompt), padding: 'longest', device, dtype: model.dtype });
-  const sequences = await model.generate(inputs, { maxNewTokens: intFlag(p, 'max-new-tokens'), numBeams: intFlag(p, 'num-beams') });
-  // The sequences start with the prompt; the caption is what follows it.
-  const promptLength = inputs.inputIds.shape[1];
-  const rows = (await sequences.toArray()) as BigInt64Array;
-  const width = sequences.shape[1];
-  const captions = images.map((_, i) => processor.decode(Array.from(rows.subarray(i * width + promptLength, (i + 1) * width), Number), { skipSpecialTokens: true }));
-  const ms = performance.now() - started;
-  if (p.flags.get('json')) {
-    process.stdout.write(`${JSON.stringify(images.map((image, i) => ({ image, caption: captions[i] })))}\n`);
-  } else {
-    images.forEach((image, i) => process.stdout.write(`${image}: ${JSON.stringify(captions[i])}\n`));
-    process.stderr.write(`${images.length} image(s) in ${ms.toFixed(0)} ms on ${model.device}\n`);
+  if (p.flags.has('json') && p.flags.has('jsonl')) throw new UsageError('--json and --jsonl exclude each other');
+  try {
+    return await runCaption({
+      inputs: p.positional,
+      modelDir,
+      prompt: flag(p, 'prompt') ?? '',
+      device: flag(p, 'device') ?? 'cpu',
+      batch: intFlag(p, 'batch') ?? DEFAULT_BATCH,
+      concurrency: intFlag(p, 'concurrency') ?? DEFAULT_CONCURRENCY,
+      maxNewTokens: intFlag(p, 'max-new-tokens'),
+      numBeams: intFlag(p, 'num-beams'),
+      output: p.flags.has('json') ? 'json' : p.flags.has('jsonl') ? 'jsonl' : 'text',
+    });
+  } catch (e) {
+    if (e instanceof CaptionUsageError) throw new UsageError(e.message);
+    throw e;
   }
-  const manifestNote = path.join(modelDir, 'README.md');
-  if (fs.existsSync(manifestNote) && /RANDOM weights/.test(fs.readFileSync(manifestNote, 'utf8'))) {
-    process.stderr.write('note: this model has RANDOM weights (a demo), so its captions are gibberish.\n');
-  }
-  model.dispose();
 }
 
 export async function main(argv: string[]): Promise<number> {
-  let parsed: Parsed;
   try {
-    parsed = parse(argv.slice(1));
     const command = argv[0];
-    if (!command || command === 'help' || parsed.flags.has('help')) {
+    const parsed = parse(command, argv.slice(1));
+    if (!command || command === 'help' || command === '--help' || command === '-h' || parsed.flags.has('help')) {
       process.stdout.write(USAGE);
       return command ? 0 : 2;
     }
     switch (command) {
       case 'export': await runExport(parsed); return 0;
-      case 'caption': await runCaption(parsed); return 0;
+      case 'caption': return await runCaptionCommand(parsed);
       case 'version': process.stdout.write(`blip2-node ${versions.package} (libtorch ${versions.libtorch}, CUDA ${versions.cuda ?? 'none'}, ${packageRoot()})\n`); return 0;
       default: throw new UsageError(`unknown command '${command}'`);
     }
