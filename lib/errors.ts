@@ -1,6 +1,7 @@
 // Every error a user can cause is one of these, with a stable `code`. Native code creates them
 // through the factory registered in native/binding.ts, so they carry the right class from birth.
 
+/** What an error names: the argument, its value, what was expected, a file or a batch index. */
 export interface ErrorDetails {
   argument?: string;
   value?: string;
@@ -9,6 +10,7 @@ export interface ErrorDetails {
   index?: number;
 }
 
+/** The base class of every error of this package; `code` is stable (ERR_BLIP2_...), `name` is the class name. */
 export class Blip2Error extends Error {
   readonly code: string;
   constructor(message: string, code: string, options?: { cause?: unknown }) {
@@ -115,6 +117,7 @@ export class InternalError extends Blip2Error {
   }
 }
 
+/** A short description of a value for error messages: `"text"`, `3`, `an array of length 2`, `a Float32Array of 16 bytes`. */
 export function describeValue(value: unknown): string {
   if (value === undefined) return 'undefined';
   if (value === null) return 'null';

@@ -3,11 +3,13 @@
 import type { NativeGenerateOptions, NativeStepEvent } from '../../typings/binding';
 import { InvalidArgumentError } from '../errors';
 
+/** Options of generate(), transformers' generation parameters in camelCase. Each default is the model's generation_config.json value when it has one, else transformers' default (stated per option). */
 export interface GenerateOptions {
   /** New tokens at most (default: generation_config's max_new_tokens, else its max_length, else 20). */
   maxNewTokens?: number;
   /** New tokens before an end-of-sequence token may be chosen (default 0). */
   minNewTokens?: number;
+  /** Sample instead of choosing the most likely token (default false). */
   doSample?: boolean;
   /** Sampling temperature, > 0 (default 1). */
   temperature?: number;
@@ -15,23 +17,31 @@ export interface GenerateOptions {
   topK?: number;
   /** Sampling: nucleus probability in (0, 1] (default 1 = off). */
   topP?: number;
-  /** > 0; 1 = off. Penalises every token already in the sequence (prompt included), as transformers. */
+  /** A number > 0; 1 = off (default 1). Penalises every token already in the sequence (prompt included), as transformers. */
   repetitionPenalty?: number;
+  /** Beam search with this many beams; 1 = greedy or sampling (default 1). */
   numBeams?: number;
+  /** Beam search: scores are divided by the length to the power lengthPenalty (default 1). */
   lengthPenalty?: number;
+  /** Beam search: stop when numBeams hypotheses are done (true), heuristically (false), or only when no better one can come ('never') (default false). */
   earlyStopping?: boolean | 'never';
+  /** Sequences per input row, at most numBeams with beam search (default 1). */
   numReturnSequences?: number;
+  /** End-of-sequence token id(s) (default: the model's, from manifest.json). */
   eosTokenId?: number | number[];
+  /** Fills finished rows (default: the model's pad token, else the first eosTokenId). */
   padTokenId?: number;
-  /** Makes sampling reproducible (same seed, same tokens). */
+  /** Makes sampling reproducible (same seed, same tokens); default: a random seed per call. */
   seed?: number;
+  /** Aborts the generation; generate() then rejects with AbortError (default: none). */
   signal?: AbortSignal;
-  /** Called after every decoding step with the new token of each unfinished sequence (greedy and sampling). */
+  /** Called after every decoding step with the new token of each unfinished sequence (greedy and sampling); default: none. */
   onStep?: (event: GenerationStep) => void;
-  /** Resolve to { sequences, sequencesScores } instead of the sequences tensor. */
+  /** Resolve to { sequences, sequencesScores } instead of the sequences tensor (default false). */
   returnDictInGenerate?: boolean;
 }
 
+/** What `onStep` receives after each decoding step. */
 export type GenerationStep = NativeStepEvent;
 
 export interface GenerationDefaults {

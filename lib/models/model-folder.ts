@@ -26,6 +26,7 @@ export interface ManifestWeights {
   keep_float32: string[];
 }
 
+/** A model folder's manifest.json (export/README.md describes every field). */
 export interface Manifest {
   format: 'blip2-node-model';
   format_version: 2;
@@ -60,6 +61,7 @@ export interface WeightTensor {
   shape: number[];
 }
 
+/** A checked model folder: its manifest, configs and weight tensors (what readModelFolder() returns). */
 export interface ModelFolder {
   dir: string;
   manifest: Manifest;
@@ -67,6 +69,7 @@ export interface ModelFolder {
   config: Record<string, unknown>;
   /** generation_config.json, or null when absent. */
   generationConfig: Record<string, unknown> | null;
+  /** The path of module `name`'s TorchScript file ('image_encoder', 'language_model'). */
   modulePath(name: string): string;
   /** Every tensor of the weights files by key. */
   weights: Map<string, WeightTensor>;
@@ -169,6 +172,7 @@ function requireNumber(manifest: Record<string, unknown>, key: string, file: str
   return value;
 }
 
+/** Reads and checks the model folder `dir` (manifest, module hashes, safetensors headers); throws ModelLoadError naming what is missing or damaged. */
 export async function readModelFolder(dir: string): Promise<ModelFolder> {
   if (typeof dir !== 'string' || dir.length === 0) throw InvalidArgumentError.of('modelDir', dir, 'a model folder path');
   const stat = await fs.stat(dir).catch(() => null);

@@ -19,6 +19,7 @@ export const OPENAI_CLIP_STD = [0.26862954, 0.26130258, 0.27577711] as const;
 /** PIL's resampling filters by their preprocessor_config.json number. */
 export const PIL_RESAMPLE = { nearest: 0, lanczos: 1, bilinear: 2, bicubic: 3, box: 4, hamming: 5 } as const;
 
+/** The dtypes pixel values can be made in. */
 export type PixelDType = 'float32' | 'float16' | 'bfloat16' | 'float64';
 
 /** The fields of preprocessor_config.json that BlipImageProcessor reads (snake_case, as saved by transformers). */
@@ -36,11 +37,13 @@ export interface BlipImageProcessorConfig {
   [key: string]: unknown;
 }
 
+/** Options of BlipImageProcessor.preprocess(). */
 export interface PreprocessOptions {
   /** 'cpu' (default) or 'cuda[:N]': where the pixel values are made. */
   device?: string;
   /** Default float32 (the values are computed in float32, as transformers does, then cast). */
   dtype?: PixelDType;
+  /** Aborts the call (default: none). */
   signal?: AbortSignal;
   /** Apply EXIF orientation (transformers does not); default false. */
   autoOrient?: boolean;
@@ -102,6 +105,7 @@ export function pixelLut(options: { doRescale: boolean; rescaleFactor: number; d
   return lut;
 }
 
+/** transformers' BlipImageProcessor: resize (PIL's filters), rescale, normalize, bit for bit as PIL and transformers compute them. */
 export class BlipImageProcessor {
   readonly doResize: boolean;
   readonly size: { height: number; width: number };

@@ -26,19 +26,24 @@ import type { ImageInput } from './image-decode';
 import { BlipImageProcessor, type PixelDType, throwIfAborted } from './image-processor';
 import { type DecodeOptions, type PaddingStrategy, PreTrainedTokenizer, type TokenIds, type TruncationStrategy } from './tokenizer';
 
+/** The image placeholder token put before the text of each row. */
 export const IMAGE_TOKEN = '<image>';
 
+/** Options of Blip2Processor.process(). */
 export interface ProcessOptions {
-  /** One image or an array: encoded bytes (Buffer/Uint8Array), a file path, or raw pixels { data, width, height, channels }. */
+  /** One image or an array: encoded bytes (Buffer/Uint8Array), a file path, or raw pixels { data, width, height, channels }; default none (text only). */
   images?: ImageInput | readonly ImageInput[];
-  /** One text (applied to every image) or one text per image. */
+  /** One text (applied to every image) or one text per image; default none (images only: pixel values only). */
   text?: string | readonly string[];
+  /** Pad the rows to one length (default false: none; the texts must then tokenize to one length). */
   padding?: PaddingStrategy;
+  /** Truncate to maxLength (default: only when maxLength is given without padding, as transformers). */
   truncation?: TruncationStrategy;
-  /** Text tokens only (image tokens not counted), see the note at the top of this file. */
+  /** Text tokens only (image tokens not counted), see the note at the top of this file; default: the tokenizer's model_max_length where a limit is needed. */
   maxLength?: number;
+  /** Pad the length up to a multiple of this (default: no rounding). */
   padToMultipleOf?: number;
-  /** Overrides the tokenizer's padding side (tokenizer_config.json's padding_side) for this call. */
+  /** Overrides the tokenizer's padding side (tokenizer_config.json's padding_side) for this call; default: the tokenizer's. */
   paddingSide?: 'left' | 'right';
   /** Add the tokenizer's special tokens (OPT: a leading </s>); default true. */
   addSpecialTokens?: boolean;
@@ -46,6 +51,7 @@ export interface ProcessOptions {
   device?: string;
   /** Pixel values' dtype; default the model's dtype (manifest.json) or float32. */
   dtype?: PixelDType;
+  /** Aborts the call (default: none). */
   signal?: AbortSignal;
   /** Apply EXIF orientation (transformers does not); default false. */
   autoOrient?: boolean;
@@ -53,6 +59,7 @@ export interface ProcessOptions {
   maxPixels?: number;
 }
 
+/** What Blip2Processor.process() returns for images and text: the inputs of generate(). */
 export interface Blip2ProcessorOutput {
   /** [B, 3, H, W] */
   pixelValues: Tensor;
@@ -82,6 +89,7 @@ function readJsonIfExists(file: string): Record<string, unknown> | undefined {
   }
 }
 
+/** transformers' Blip2Processor: BlipImageProcessor for the images, the checkpoint's tokenizer for the text. */
 export class Blip2Processor {
   readonly imageProcessor: BlipImageProcessor;
   readonly tokenizer: PreTrainedTokenizer;

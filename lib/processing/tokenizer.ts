@@ -16,23 +16,29 @@ export type PaddingStrategy = boolean | 'longest' | 'max_length' | 'do_not_pad';
 /** transformers' `truncation` (single sequences: every strategy truncates the one sequence). */
 export type TruncationStrategy = boolean | 'longest_first' | 'only_first' | 'do_not_truncate';
 
+/** Options of PreTrainedTokenizer.call(). */
 export interface TokenizeOptions {
   /** Add the special tokens of the tokenizer's post-processor (default true), as transformers' `add_special_tokens`. */
   addSpecialTokens?: boolean;
+  /** Pad the rows to one length (default false: none). */
   padding?: PaddingStrategy;
+  /** Truncate to maxLength (default: only when maxLength is given without padding, as transformers). */
   truncation?: TruncationStrategy;
-  /** Length limit for truncation and for padding 'max_length' (special tokens included, as in transformers). */
+  /** Length limit for truncation and for padding 'max_length' (special tokens included, as in transformers). Default: model_max_length where a limit is needed. */
   maxLength?: number;
+  /** Pad the length up to a multiple of this (default: no rounding). */
   padToMultipleOf?: number;
-  /** Overrides the tokenizer's padding side for this call. */
+  /** Overrides the tokenizer's padding side for this call; default: the tokenizer's (paddingSide). */
   paddingSide?: 'left' | 'right';
 }
 
+/** Token ids and attention masks, one row per text. */
 export interface BatchEncoding {
   inputIds: number[][];
   attentionMask: number[][];
 }
 
+/** Options of decode() and batchDecode(). */
 export interface DecodeOptions {
   /** Drop special tokens (bos/eos/pad/unk/added special tokens such as <image>); default false. */
   skipSpecialTokens?: boolean;
@@ -40,6 +46,7 @@ export interface DecodeOptions {
   cleanUpTokenizationSpaces?: boolean;
 }
 
+/** Token ids: numbers or bigints (an array or a typed array). */
 export type TokenIds = ArrayLike<number | bigint>;
 
 interface AddedTokenJson {
@@ -83,6 +90,7 @@ function requireLength(value: unknown, argument: string): number {
   return value;
 }
 
+/** transformers' PreTrainedTokenizerFast over a checkpoint's tokenizer.json (Hugging Face tokenizers), with tokenizer_config.json's settings. */
 export class PreTrainedTokenizer {
   /** The @huggingface/tokenizers instance doing the work. */
   readonly backend: Tokenizer;
@@ -202,10 +210,12 @@ export class PreTrainedTokenizer {
     }
   }
 
+  /** The id of `token`, or undefined when the vocabulary lacks it. */
   tokenToId(token: string): number | undefined {
     return this.backend.token_to_id(token);
   }
 
+  /** The token of `id`, or undefined when out of the vocabulary. */
   idToToken(id: number): string | undefined {
     return this.backend.id_to_token(id);
   }

@@ -9,10 +9,12 @@ export function devices(): string[] {
   return binding.devices();
 }
 
+/** True when at least one CUDA device can be used. */
 export function cudaAvailable(): boolean {
   return binding.devices().some((d) => d.startsWith('cuda'));
 }
 
+/** The versions of this package and of what it runs on (see `versions`). */
 export interface Versions {
   /** This package. */
   package: string;
@@ -24,6 +26,7 @@ export interface Versions {
   linearKernel: 'avx512' | 'avx2' | 'none';
 }
 
+/** This package's version, the libtorch and CUDA it runs on, and the CPU kernel in use. */
 export const versions: Versions = (() => {
   const native = binding.versions();
   const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
@@ -36,6 +39,7 @@ export function setNumThreads(threads: number): Promise<number> {
   return binding.setNumThreads(threads);
 }
 
+/** libtorch's intra-op CPU threads in effect (see setNumThreads). */
 export function getNumThreads(): Promise<number> {
   return binding.getNumThreads();
 }

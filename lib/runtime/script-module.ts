@@ -5,7 +5,9 @@ import { Tensor } from '../tensor/tensor';
 import { requireSignal, withAbort } from './abort';
 import { requireDeviceString } from './device';
 
+/** An argument of ScriptModule.call(): tensors, numbers, booleans, strings, null/undefined (None) and lists of them. */
 export type ScriptInput = Tensor | number | boolean | string | null | undefined | readonly ScriptInput[];
+/** What ScriptModule.call() resolves to: a tensor, a scalar, null (None), or a list/tuple of them. */
 export type ScriptOutput = Tensor | number | boolean | string | null | ScriptOutput[];
 
 const NativeTensorClass = binding.NativeTensor as unknown as abstract new () => NativeTensor;
@@ -40,6 +42,7 @@ export class ScriptModule {
     this.#native = native;
   }
 
+  /** Loads a TorchScript file onto `options.device` (default 'cpu'); `options.signal` (default none) aborts the load. */
   static async load(path: string, options: { device?: string; signal?: AbortSignal } = {}): Promise<ScriptModule> {
     if (typeof path !== 'string' || path.length === 0) throw InvalidArgumentError.of('path', path, 'a file path string');
     const device = requireDeviceString(options.device ?? 'cpu', 'options.device');
@@ -52,13 +55,16 @@ export class ScriptModule {
   get methods(): Record<string, string> {
     return this.#native.methods;
   }
+  /** The device the module runs on: 'cpu' or 'cuda:N'. */
   get device(): string {
     return this.#native.device;
   }
+  /** The file the module was loaded from. */
   get path(): string {
     return this.#native.path;
   }
 
+  /** Runs `method` with `args` (default none) on the module's executor thread; `options.signal` (default none) aborts it. */
   call(method: string, args: readonly ScriptInput[] = [], options: { signal?: AbortSignal } = {}): Promise<ScriptOutput> {
     if (!Array.isArray(args)) return Promise.reject(InvalidArgumentError.of('args', args, 'an array of arguments'));
     let signal: AbortSignal | undefined;
@@ -81,6 +87,7 @@ export class ScriptModule {
     this.#native.dispose();
   }
 
+  /** dispose(), for `using` declarations. */
   [Symbol.dispose](): void {
     this.dispose();
   }

@@ -1,6 +1,7 @@
 import type { NativeStats } from '../../typings/binding';
 import { binding } from '../native/binding';
 
+/** Counters of the runtime (see stats()). */
 export type RuntimeStats = NativeStats;
 
 /**

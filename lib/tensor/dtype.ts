@@ -1,6 +1,7 @@
 import type { NativeDType } from '../../typings/binding';
 import { DTypeError, InvalidArgumentError } from '../errors';
 
+/** A tensor element type: 'float32', 'float16', 'bfloat16', 'float64', 'int64', 'int32', 'int16', 'int8', 'uint8' or 'bool'. */
 export type DType = NativeDType;
 
 export const DTYPES: readonly DType[] = ['float32', 'float16', 'bfloat16', 'float64', 'int64', 'int32', 'int16', 'int8', 'uint8', 'bool'];
@@ -19,6 +20,7 @@ export interface TypedArrayOf {
   bool: Uint8Array;
 }
 
+/** Any typed array a tensor reads back to (see TypedArrayOf). */
 export type TensorTypedArray = TypedArrayOf[DType];
 
 export function requireDType(value: unknown, argument: string): DType {

@@ -3,6 +3,7 @@ import { DisposedError, InvalidArgumentError } from '../errors';
 import { binding } from '../native/binding';
 import { type DType, type TensorTypedArray, type TypedArrayOf, requireDType, typedArrayFromList } from './dtype';
 
+/** Options of Tensor.from(). */
 export interface TensorOptions {
   /** Element type; defaults to the data's own (Float32Array → float32, BigInt64Array → int64, number[] → float32...). */
   dtype?: DType;
@@ -10,6 +11,7 @@ export interface TensorOptions {
   device?: string;
 }
 
+/** What Tensor.from() takes: a typed array, or a (nested) array of numbers, bigints or booleans. */
 export type TensorInput = ArrayBufferView | readonly unknown[];
 
 /**
@@ -54,12 +56,15 @@ export class Tensor<D extends DType = DType> {
     return new Tensor<D>(native);
   }
 
+  /** The size of each dimension ([] for a scalar). */
   get shape(): number[] {
     return this.#native.shape;
   }
+  /** The element type. */
   get dtype(): D {
     return this.#native.dtype as D;
   }
+  /** Where the data lives: 'cpu' or 'cuda:N'. */
   get device(): string {
     return this.#native.device;
   }
@@ -67,9 +72,11 @@ export class Tensor<D extends DType = DType> {
   get nbytes(): number {
     return this.#native.nbytes;
   }
+  /** True once dispose() has run. */
   get disposed(): boolean {
     return this.#native.disposed;
   }
+  /** The number of elements (the product of the shape). */
   get numel(): number {
     return this.#native.shape.reduce((a, b) => a * b, 1);
   }
@@ -105,10 +112,12 @@ export class Tensor<D extends DType = DType> {
     this.#native.dispose();
   }
 
+  /** dispose(), for `using` declarations. */
   [Symbol.dispose](): void {
     this.dispose();
   }
 
+  /** `Tensor(shape=[2, 3], dtype=float32, device=cpu)`, or `Tensor(disposed)`. */
   toString(): string {
     return this.disposed ? 'Tensor(disposed)' : `Tensor(shape=[${this.shape.join(', ')}], dtype=${this.dtype}, device=${this.device})`;
   }

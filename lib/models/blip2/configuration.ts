@@ -27,6 +27,7 @@ export interface Blip2TextConfig {
   [key: string]: unknown;
 }
 
+/** The checkpoint's config.json (transformers' Blip2Config), as exported with the model. */
 export interface Blip2Config {
   model_type?: string;
   architectures?: string[];

@@ -9,14 +9,17 @@ import { Tensor } from '../../tensor/tensor';
 import { type Manifest, readModelFolder } from '../model-folder';
 import type { Blip2Config, GenerationConfig } from './configuration';
 
+/** Options of Blip2ForConditionalGeneration.fromPretrained(). */
 export interface FromPretrainedOptions {
   /** 'cpu' (default), 'cuda' or 'cuda:N'. */
   device?: string;
-  /** Run in another dtype than the export's (e.g. a float32 export in 'bfloat16'). */
+  /** Run in another dtype than the export's (e.g. a float32 export in 'bfloat16'); default: the export's dtype (manifest.json). */
   dtype?: 'float32' | 'float16' | 'bfloat16';
+  /** Aborts the load; fromPretrained() then rejects with AbortError (default: none). */
   signal?: AbortSignal;
 }
 
+/** The inputs of generate() and forward(): what Blip2Processor.process() returns. */
 export interface Blip2Inputs {
   /** [B, 3, H, W] float (Blip2Processor's pixelValues). */
   pixelValues: Tensor;
@@ -26,6 +29,7 @@ export interface Blip2Inputs {
   attentionMask?: Tensor;
 }
 
+/** What generate() resolves to with `returnDictInGenerate: true`. */
 export interface GenerateOutput {
   /** [rows, promptLength + newTokens] int64 on the CPU: the input ids, then the new ids. */
   sequences: Tensor<'int64'>;
@@ -54,6 +58,7 @@ export class Blip2ForConditionalGeneration {
     this.generationConfig = generationConfig;
   }
 
+  /** Loads a model folder made by `npx blip2 export` onto `options.device`. */
   static async fromPretrained(modelDir: string, options: FromPretrainedOptions = {}): Promise<Blip2ForConditionalGeneration> {
     if (options === null || typeof options !== 'object') throw InvalidArgumentError.of('options', options, 'an object');
     const device = requireDeviceString(options.device ?? 'cpu', 'device');
@@ -94,9 +99,11 @@ export class Blip2ForConditionalGeneration {
     return new Blip2ForConditionalGeneration(native, modelDir, manifest, folder.config as Blip2Config, folder.generationConfig as GenerationConfig | null);
   }
 
+  /** The device the model runs on: 'cpu' or 'cuda:N'. */
   get device(): string {
     return this.#native.device;
   }
+  /** The dtype the model runs in (the export's, or FromPretrainedOptions.dtype). */
   get dtype(): 'float32' | 'float16' | 'bfloat16' {
     return this.#native.dtype as 'float32' | 'float16' | 'bfloat16';
   }
@@ -184,6 +191,7 @@ export class Blip2ForConditionalGeneration {
     this.#native.dispose();
   }
 
+  /** dispose(), for `using` declarations. */
   [Symbol.dispose](): void {
     this.dispose();
   }
