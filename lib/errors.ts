@@ -101,6 +101,17 @@ export class AbortError extends Blip2Error {
   }
 }
 
+/** Back-pressure: the model's queue holds maxQueue calls already; retry later or raise maxQueue. */
+export class QueueFullError extends Blip2Error {
+  readonly argument?: string;
+  readonly value?: string;
+  constructor(message: string, details: ErrorDetails = {}) {
+    super(message, 'ERR_BLIP2_QUEUE_FULL');
+    this.argument = details.argument;
+    this.value = details.value;
+  }
+}
+
 /** An image that cannot be decoded or is outside the accepted limits; `index` is its position in the batch. */
 export class ImageDecodeError extends Blip2Error {
   readonly index?: number;
@@ -142,6 +153,7 @@ export function errorFromNative(code: string, message: string, details: Record<s
     case 'ERR_BLIP2_TORCH': return new TorchError(message);
     case 'ERR_BLIP2_OUT_OF_MEMORY': return new OutOfMemoryError(message);
     case 'ABORT_ERR': return new AbortError(message);
+    case 'ERR_BLIP2_QUEUE_FULL': return new QueueFullError(message, parsed);
     case 'ERR_BLIP2_IMAGE_DECODE': return new ImageDecodeError(message, parsed);
     default: return new InternalError(`${message} (${code})`);
   }

@@ -3,6 +3,9 @@
 #include <napi.h>
 
 #include <ATen/Parallel.h>
+
+#include <cstdlib>
+#include <mutex>
 #include <ATen/detail/CUDAHooksInterface.h>
 #include <torch/cuda.h>
 
@@ -122,6 +125,23 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   auto* data = new AddonData();
   env.SetInstanceData(data);
   data->channel = JsChannel::Create(env);
+  // A terminated worker or an exiting process: close this environment's channel first, so that
+  // executor threads stop posting into it and its tasks end at their next step.
+  auto* hook_channel = new std::shared_ptr<JsChannel>(data->channel);
+  napi_add_env_cleanup_hook(env, [](void* arg) {
+    auto* channel = static_cast<std::shared_ptr<JsChannel>*>(arg);
+    (*channel)->Close();
+    delete channel;
+  }, hook_channel);
+  // Process exit: runs before libtorch's static destructors (registered earlier, run later), so
+  // no executor is inside libtorch while it is torn down.
+  static std::once_flag exit_handler;
+  std::call_once(exit_handler, [] {
+    std::atexit([] {
+      JsChannel::CloseAllForExit();
+      Executor::ShutdownAll(30000);
+    });
+  });
   exports.Set("NativeTensor", NativeTensor::Init(env));
   exports.Set("NativeScriptModule", NativeScriptModule::Init(env));
   exports.Set("NativeCancelToken", NativeCancelToken::Init(env));

@@ -200,13 +200,17 @@ describe('generate: options, stopping, sampling, streaming, errors', () => {
       });
     }
 
-    it('prompt + maxNewTokens beyond the model\'s positions', async () => {
+    it('prompt + maxNewTokens beyond the model\'s positions: the error names the prompt and its length', async () => {
       await assert.rejects(model.generate({ pixelValues: pixels, inputIds: ids([QUESTION]) }, { maxNewTokens: 120 }), (e: unknown) => {
         assert.ok(e instanceof InvalidArgumentError, String(e));
-        assert.equal(e.argument, 'maxNewTokens');
-        assert.match(e.message, /is 120; expected at most 113: the prompt takes 15 of the model's 128 positions/);
+        assert.equal(e.argument, 'inputs.inputIds');
+        assert.match(e.message, /the prompt of row 0 takes 15 positions \(6 image queries and 9 text tokens\); with maxNewTokens 120 that is more than the 128 positions a sequence may use/);
+        assert.equal(e.expected, 'at most 8 positions with maxNewTokens 120');
         return true;
       });
+      // The model still serves a correct request afterwards.
+      const ok = await model.generate({ pixelValues: pixels, inputIds: ids([QUESTION]) }, { maxNewTokens: 4 });
+      assert.deepEqual(ok.shape, [1, 19]);
     });
 
     it('batch sizes of pixelValues and inputIds that differ', async () => {

@@ -58,6 +58,7 @@ export interface NativeStats {
   deviceToHostBytes: number;
   hostToDeviceBytes: number;
   kvCacheAllocations: number;
+  /** Bytes of the KV caches of the models loaded now. */
   kvCacheBytes: number;
   generatedTokens: number;
   /** Bytes the decoding loops read from tensors into host memory (the chosen ids), on any device. */
@@ -197,15 +198,59 @@ export interface NativeBlip2Model {
   /** Hugging Face's forward: logits [B, T (+Q for inputs without <image> tokens), V] float32. */
   forward(pixelValues: NativeTensor, inputIds: NativeTensor | null, attentionMask: NativeTensor | null,
     cancelToken?: NativeCancelToken): Promise<NativeTensor>;
-  /** Runs on the device's executor, one decoding step per slice; `onStep` sees each step's tokens (not for beam search). */
+  /**
+   * Queues the call on the model's scheduler (continuous batching with every other call); `onStep`
+   * sees each step's tokens (not for beam search). Throws QueueFull / Disposed / too many sequences
+   * at once. With `stopOnAbort`, a cancelled call resolves with its tokens so far.
+   */
   generate(pixelValues: NativeTensor, inputIds: NativeTensor | null, attentionMask: NativeTensor | null,
     options: NativeGenerateOptions, onStep: ((event: NativeStepEvent) => void) | null,
-    cancelToken?: NativeCancelToken): Promise<NativeGenerateResult>;
-  dispose(): void;
+    cancelToken: NativeCancelToken | undefined, stopOnAbort: boolean): Promise<NativeGenerateResult>;
+  /** Rejects queued and running calls with DisposedError, frees cache and weights; resolves once freed. */
+  dispose(): Promise<void>;
+  stats(): NativeModelStats;
+}
+
+/** The scheduler of one model (native/blip2/scheduler.h), sized by lib. */
+export interface NativeSchedulerOptions {
+  /** KV-cache slots: sequences decoded together at most. */
+  slots: number;
+  /** Positions per slot. */
+  maxLength: number;
+  maxQueue: number;
+  /** Prompt tokens prefilled per cycle. */
+  prefillChunk: number;
+}
+
+export interface NativeModelStats {
+  disposed: boolean;
+  /** Calls waiting for slots. */
+  queued: number;
+  /** Calls admitted (prefilling or decoding). */
+  runningCalls: number;
+  /** Sequences in the last decode step. */
+  runningSequences: number;
+  /** Prompts still being written into the cache. */
+  prefillingRows: number;
+  slotsInUse: number;
+  slots: number;
+  maxLength: number;
+  /** Bytes of the model's KV cache (allocated once; on the CPU only filled positions are resident). */
+  kvCacheBytes: number;
+  completedCalls: number;
+  failedCalls: number;
+  decodeSteps: number;
+  generatedTokens: number;
+  prefillTokens: number;
+  /** Decoded tokens per second over recent steps (moving average). */
+  tokensPerSecond: number;
+  lastStepMs: number;
+  /** Most sequences one decode step has carried. */
+  largestStepRows: number;
 }
 
 export interface NativeBlip2ModelConstructor {
-  load(spec: NativeModelSpec, cancelToken?: NativeCancelToken): Promise<NativeBlip2Model>;
+  load(spec: NativeModelSpec, scheduler: NativeSchedulerOptions, cancelToken?: NativeCancelToken): Promise<NativeBlip2Model>;
 }
 
 export type ErrorFactory = (code: string, message: string, details: Record<string, string>) => Error;

@@ -14,6 +14,8 @@ Exported methods (see export/README.md for the contract):
 * `forward_cached(cache, inputs_embeds [N,T,E], slots [N], start [N], kv_len, logit_index=None)`
   writes the new keys/values into the slot cache and attends over it.
 * `decode(cache, input_ids [N], slots [N], positions [N], kv_len) -> logits [N,V] float32`
+* `text_hidden_states(input_ids [B,T], attention_mask [B,T]) -> last_hidden_state [B,T,E]`
+  transformers 5.18's Blip2Model.get_text_features (OPTModel's output, no image), equal at real tokens.
 
 The cache is one tensor `[L, 2, S, H, M, Dh]` (layers, key/value, slots, heads, max_length, head
 dim), allocated by the runtime (zeros, model dtype, contiguous). Row i's token t lives at position
@@ -110,6 +112,17 @@ def dtype_min(dtype: torch.dtype) -> float:
     if dtype == torch.float64:
         return -1.7976931348623157e308
     return -3.4028234663852886e38
+
+
+def check_index(index: Tensor, upper: int, what: str):
+    """Raises unless 0 <= index < upper everywhere, so a bad slot or position can never write into
+    a neighbouring slot of the shared cache. On CUDA torch._assert_async, which queues a
+    device-side assert instead of synchronising; elsewhere a host check (free on CPU)."""
+    ok = ((index >= 0) & (index < upper)).all()
+    if index.is_cuda:
+        torch._assert_async(ok)
+    elif not bool(ok):
+        raise RuntimeError(what + " out of range [0, " + str(upper) + ")")
 
 
 def _softmax(w: Tensor) -> Tensor:
@@ -312,6 +325,8 @@ class OPTDecoder(nn.Module):
             raise RuntimeError("kv_len must be in [1, max_length]")
         n, t = inputs_embeds.size(0), inputs_embeds.size(1)
         device = inputs_embeds.device
+        check_index(slots, cache.size(2), "slots")
+        check_index(start, max_len - t + 1, "start (positions start..start+T-1 must be < max_length)")
         positions = start.view(n, 1) + torch.arange(t, device=device).view(1, t)          # [N,T]
         heads = torch.arange(self.num_heads, device=device).view(1, self.num_heads, 1)
         write_idx = ((slots.view(n, 1, 1) * self.num_heads + heads) * max_len
@@ -377,6 +392,35 @@ class OPTForCausalLM(nn.Module):
         hidden_states = self.model.decoder.forward_cached(cache, inputs_embeds, slots, positions, kv_len, first_slot)
         return self._logits(hidden_states[:, 0])
 
+    @torch.jit.export
+    def text_hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids [B,T], attention_mask [B,T] -> last_hidden_state [B,T,E] (after the final layer norm
+        and project_out): transformers 5.18's Blip2Model.get_text_features for OPT, i.e.
+        `language_model.base_model(input_ids, attention_mask).last_hidden_state`. Equal to HF's at real
+        tokens. Pad positions mean nothing: a left pad's query sees no key (its own is masked too),
+        every score is finfo.min and its softmax is uniform over all positions, later ones included.
+        HF's eager attention computes the same (measured equal); its default sdpa kernel does not
+        (measured up to 3.7 apart on the tiny test model), so compare where attention_mask is 1."""
+        return self.model.decoder.forward_full(self.model.decoder.embed_tokens(input_ids), attention_mask)
+
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor) -> Tensor:
         """Same as forward_full."""
         return self.forward_full(inputs_embeds, attention_mask)
+
+
+# The "opt" language_model.pt contract in manifest form (export/README.md): "float" is the model
+# dtype, "float32" always float32.
+LANGUAGE_MODEL_METHODS = {
+    "embed_tokens": {"inputs": ["input_ids: int64[N,T]"], "outputs": ["inputs_embeds: float[N,T,E]"]},
+    "forward_full": {"inputs": ["inputs_embeds: float[B,T,E]", "attention_mask: int64[B,T]"],
+                     "outputs": ["logits: float32[B,T,V]"]},
+    "forward_cached": {"inputs": ["cache: float[L,2,S,H,M,Dh]", "inputs_embeds: float[N,T,E]", "slots: int64[N]",
+                                  "start: int64[N]", "kv_len: int", "logit_index: Optional[int64[N]] = None",
+                                  "first_slot: int = -2"],
+                       "outputs": ["logits: float32[N,T,V] (float32[N,V] with logit_index)"]},
+    "decode": {"inputs": ["cache: float[L,2,S,H,M,Dh]", "input_ids: int64[N]", "slots: int64[N]",
+                          "positions: int64[N]", "kv_len: int", "first_slot: int = -2"],
+               "outputs": ["logits: float32[N,V]"]},
+    "text_hidden_states": {"inputs": ["input_ids: int64[B,T]", "attention_mask: int64[B,T]"],
+                           "outputs": ["last_hidden_state: float[B,T,E]"]},
+}

@@ -27,6 +27,8 @@ Exported methods (the blip2-node contract for architecture "t5"):
 * `fill_cross_cache(cross_cache, encoder_hidden_states [N,T,D], slots [N]) -> 0-d int64 CPU tensor N`
 * `decode(self_cache, cross_cache, input_ids [N], slots [N], positions [N], kv_len, encoder_mask [N,E],
   first_slot=-2) -> logits [N,V] float32`
+* `text_hidden_states(input_ids [B,T], attention_mask [B,T]) -> [B,T,D]`: the encoder's output on the
+  token embeddings, what transformers 5.18's Blip2Model.get_text_features returns for T5
 
 The caches are allocated by the runtime (zeros, model dtype, contiguous):
 `self_cache [L, 2, S, H, M, Dh]` and `cross_cache [L, 2, S, H, Menc, Dh]`, L = num_decoder_layers,
@@ -56,7 +58,8 @@ from torch import Tensor, nn
 from .activations import SUPPORTED as SUPPORTED_ACTIVATIONS
 from .activations import Activation
 from .errors import ExportError
-from .modeling_opt import dtype_min
+from .modeling_opt import check_index, dtype_min
+from .weights import require_equal
 
 # Carried by some checkpoints but never used (cross-attention has no position bias): HF ignores it
 # on load (_keys_to_ignore_on_load_unexpected).
@@ -146,6 +149,11 @@ class T5Config:
         return self.d_kv
 
     @property
+    def hidden_size(self) -> int:
+        # HF's T5Config.attribute_map: hidden_size is d_model (BLIP-2's language_projection width).
+        return self.d_model
+
+    @property
     def inner_dim(self) -> int:
         return self.num_heads * self.d_kv
 
@@ -188,16 +196,6 @@ def _clamp_fp16(hidden_states: Tensor) -> Tensor:
                                   torch.full([], 65504.0, dtype=torch.float32, device=device))
         hidden_states = torch.clamp(hidden_states, min=-clamp_value, max=clamp_value)
     return hidden_states
-
-
-def _check_index(index: Tensor, upper: int, what: str):
-    """Raises unless 0 <= index < upper everywhere. On CUDA torch._assert_async, which queues a
-    device-side assert instead of synchronising; elsewhere a host check (free on CPU) with a message."""
-    ok = ((index >= 0) & (index < upper)).all()
-    if index.is_cuda:
-        torch._assert_async(ok)
-    elif not bool(ok):
-        raise RuntimeError(what + " out of range [0, " + str(upper) + ")")
 
 
 def _read_slots(cache: Tensor, slots: Tensor, first_slot: int, length: int) -> Tensor:
@@ -513,7 +511,7 @@ class T5DecoderStack(nn.Module):
             raise RuntimeError("encoder length must be in [1, cross_cache.size(4)]")
         if slots.dim() != 1 or slots.size(0) != n:
             raise RuntimeError("slots must be [N] with N = encoder_hidden_states.size(0)")
-        _check_index(slots, cross_cache.size(2), "slots")
+        check_index(slots, cross_cache.size(2), "slots")
         device = encoder_hidden_states.device
         heads = torch.arange(self.num_heads, device=device).view(1, self.num_heads, 1)
         pos = torch.arange(src_len, device=device).view(1, 1, src_len)
@@ -544,8 +542,8 @@ class T5DecoderStack(nn.Module):
         if enc_len < 1 or enc_len > cross_cache.size(4):
             raise RuntimeError("encoder_mask.size(1) must be in [1, cross_cache.size(4)]")
         # positions < kv_len <= M: a token must see its own key, and a write never leaves its slot.
-        _check_index(slots, self_cache.size(2), "slots")
-        _check_index(positions, kv_len, "positions (must be < kv_len)")
+        check_index(slots, self_cache.size(2), "slots")
+        check_index(positions, kv_len, "positions (must be < kv_len)")
         device = input_ids.device
         heads = torch.arange(self.num_heads, device=device).view(1, self.num_heads)
         write_idx = ((slots.view(n, 1) * self.num_heads + heads) * max_len + positions.view(n, 1)).reshape(-1)
@@ -616,16 +614,46 @@ class T5ForConditionalGeneration(nn.Module):
                                             encoder_mask, first_slot)
         return self._logits(hidden_states[:, 0])
 
+    @torch.jit.export
+    def text_hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """input_ids [B,T], attention_mask [B,T] -> last_hidden_state [B,T,D]: transformers 5.18's
+        Blip2Model.get_text_features for T5, i.e. `language_model.get_encoder()(input_ids, attention_mask)`
+        (no image). Pad positions are computed as HF computes them (they attend the real tokens; pad
+        keys are masked), so they match HF too; they mean nothing."""
+        return self.encoder(self.shared(input_ids), attention_mask)
+
     def forward(self, inputs_embeds: Tensor, attention_mask: Tensor, decoder_input_ids: Tensor) -> Tensor:
         """Same as forward_full."""
         return self.forward_full(inputs_embeds, attention_mask, decoder_input_ids)
 
 
+# The "t5" language_model.pt contract in manifest form (export/README.md): "float" is the model
+# dtype, "float32" always float32.
+LANGUAGE_MODEL_METHODS = {
+    "embed_tokens": {"inputs": ["input_ids: int64[N,T]"], "outputs": ["inputs_embeds: float[N,T,D]"]},
+    "encode": {"inputs": ["inputs_embeds: float[B,T,D]", "attention_mask: int64[B,T]"],
+               "outputs": ["encoder_hidden_states: float[B,T,D]"]},
+    "forward_full": {"inputs": ["inputs_embeds: float[B,T,D]", "attention_mask: int64[B,T]",
+                                "decoder_input_ids: int64[B,Td]"],
+                     "outputs": ["logits: float32[B,Td,V]"]},
+    "fill_cross_cache": {"inputs": ["cross_cache: float[L,2,S,H,Menc,Dh]", "encoder_hidden_states: float[N,T,D]",
+                                    "slots: int64[N]"],
+                         "outputs": ["rows: int64[] (N, a 0-d CPU tensor)"]},
+    "decode": {"inputs": ["self_cache: float[L,2,S,H,M,Dh]", "cross_cache: float[L,2,S,H,Menc,Dh]",
+                          "input_ids: int64[N]", "slots: int64[N]", "positions: int64[N]", "kv_len: int",
+                          "encoder_mask: int64[N,E]", "first_slot: int = -2"],
+               "outputs": ["logits: float32[N,V]"]},
+    "text_hidden_states": {"inputs": ["input_ids: int64[B,T]", "attention_mask: int64[B,T]"],
+                           "outputs": ["last_hidden_state: float[B,T,D]"]},
+}
+
+
 # ---- loading ---------------------------------------------------------------------------------------
 
-def prepare_state_dict(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
+def prepare_state_dict(state_dict: Mapping[str, Tensor], prefix: str = "") -> Dict[str, Tensor]:
     """An HF T5ForConditionalGeneration state dict (prefix already stripped, e.g. BLIP-2's
-    `language_model.`) made loadable with load_state_dict(strict=True), as HF 5.18 loads it:
+    `language_model.`, which `prefix` puts back in messages) made loadable with
+    load_state_dict(strict=True), as HF 5.18 loads it:
 
     * shared.weight, if absent, from encoder.embed_tokens.weight, decoder.embed_tokens.weight or
       lm_head.weight (HF's tying works both ways);
@@ -642,11 +670,13 @@ def prepare_state_dict(state_dict: Mapping[str, Tensor]) -> Dict[str, Tensor]:
                 sd["shared.weight"] = sd[k]
                 break
         else:
-            raise ExportError("T5 state dict has no shared.weight (nor an embedding tied to it)")
+            raise ExportError(f"T5 state dict has no {prefix}shared.weight (nor an embedding tied to it)")
     shared = sd["shared.weight"]
     for k in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
-        if k in sd and sd[k] is not shared and not torch.equal(sd[k], shared):
-            raise ExportError(f"T5 {k} differs from shared.weight (untied input embeddings are not supported)")
+        if k in sd:
+            # (on meta tensors the exporter compares the data later: weights.require_equal)
+            require_equal(sd[k], shared, f"T5 {prefix}{k} differs from {prefix}shared.weight (untied input "
+                                         f"embeddings are not supported)")
         sd[k] = shared
     if "lm_head.weight" not in sd:
         sd["lm_head.weight"] = shared

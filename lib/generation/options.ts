@@ -2,6 +2,7 @@
 // generation_config.json, and validation with errors that name the option, value and range.
 import type { NativeGenerateOptions, NativeStepEvent } from '../../typings/binding';
 import { InvalidArgumentError } from '../errors';
+import type { TokenDelta } from './streaming';
 
 /** Options of generate(), transformers' generation parameters in camelCase. Each default is the model's generation_config.json value when it has one, else transformers' default (stated per option). */
 export interface GenerateOptions {
@@ -39,6 +40,17 @@ export interface GenerateOptions {
   onStep?: (event: GenerationStep) => void;
   /** Resolve to { sequences, sequencesScores } instead of the sequences tensor (default false). */
   returnDictInGenerate?: boolean;
+  /**
+   * Called with each sequence's new token ids and the text they complete (UTF-8 safe), as they
+   * are decoded, then once more with the text held back at the end; greedy and sampling (not beam
+   * search, whose best sequence is only known at the end). Default: none.
+   */
+  onToken?: (delta: TokenDelta) => void;
+  /**
+   * When `signal` aborts: resolve with the tokens generated so far instead of rejecting with
+   * AbortError (as node-llama-cpp's stopOnAbortSignal). Default false.
+   */
+  stopOnAbortSignal?: boolean;
 }
 
 /** What `onStep` receives after each decoding step. */
@@ -54,7 +66,7 @@ export interface GenerationDefaults {
 const KNOWN_OPTIONS = new Set([
   'maxNewTokens', 'minNewTokens', 'doSample', 'temperature', 'topK', 'topP', 'repetitionPenalty', 'numBeams',
   'lengthPenalty', 'earlyStopping', 'numReturnSequences', 'eosTokenId', 'padTokenId', 'seed', 'signal', 'onStep',
-  'returnDictInGenerate',
+  'returnDictInGenerate', 'onToken', 'stopOnAbortSignal',
 ]);
 
 function integer(name: string, value: unknown, min: number, max = Number.MAX_SAFE_INTEGER): number {
@@ -119,5 +131,12 @@ export function resolveGenerateOptions(options: GenerateOptions, defaults: Gener
   };
   if (options.seed !== undefined) resolved.seed = integer('seed', options.seed, 0);
   if (options.onStep !== undefined && typeof options.onStep !== 'function') throw InvalidArgumentError.of('onStep', options.onStep, 'a function');
+  if (options.onToken !== undefined && typeof options.onToken !== 'function') throw InvalidArgumentError.of('onToken', options.onToken, 'a function');
+  if (options.onToken !== undefined && numBeams > 1) {
+    throw InvalidArgumentError.of('onToken', options.onToken, 'no onToken with numBeams > 1: beam search only knows its best sequence at the end (stream with greedy or sampling)');
+  }
+  if (options.stopOnAbortSignal !== undefined && typeof options.stopOnAbortSignal !== 'boolean') {
+    throw InvalidArgumentError.of('stopOnAbortSignal', options.stopOnAbortSignal, 'a boolean');
+  }
   return resolved;
 }

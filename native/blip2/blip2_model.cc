@@ -1,6 +1,5 @@
 #include "blip2/blip2_model.h"
 
-#include "blip2/generation.h"
 #include "core/addon_data.h"
 #include "core/async.h"
 #include "core/cancel_token.h"
@@ -11,6 +10,21 @@
 namespace blip2 {
 
 namespace {
+
+struct Loaded {
+  std::shared_ptr<Blip2Runtime> runtime;
+  std::shared_ptr<Scheduler> scheduler;
+};
+
+int64_t OptionInt(Napi::Object object, const char* key, int64_t fallback, int64_t min) {
+  Napi::Value v = object.Get(key);
+  if (v.IsUndefined()) return fallback;
+  double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+  if (d < static_cast<double>(min) || d != static_cast<double>(static_cast<int64_t>(d))) {
+    throw InvalidArgument(std::string("scheduler.") + key, v.ToString().Utf8Value(), "an integer >= " + std::to_string(min));
+  }
+  return static_cast<int64_t>(d);
+}
 
 bool IsFloating(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble; }
 bool IsIndex(at::ScalarType t) { return t == at::kLong || t == at::kInt; }
@@ -92,14 +106,20 @@ Napi::Function NativeBlip2Model::Init(Napi::Env env) {
                       InstanceMethod<&NativeBlip2Model::Dispose>("dispose"),
                       InstanceAccessor<&NativeBlip2Model::GetDevice>("device"),
                       InstanceAccessor<&NativeBlip2Model::GetDType>("dtype"),
-                      InstanceAccessor<&NativeBlip2Model::GetLinearKernels>("linearKernels")});
+                      InstanceAccessor<&NativeBlip2Model::GetLinearKernels>("linearKernels"),
+                      InstanceMethod<&NativeBlip2Model::GetStats>("stats")});
 }
 
 NativeBlip2Model::NativeBlip2Model(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeBlip2Model>(info) {
   if (info.Length() != 1 || !info[0].IsExternal()) {
     throw Napi::TypeError::New(info.Env(), "NativeBlip2Model cannot be constructed directly; use load()");
   }
-  runtime_ = *info[0].As<Napi::External<std::shared_ptr<Blip2Runtime>>>().Data();
+  const Loaded& loaded = *info[0].As<Napi::External<Loaded>>().Data();
+  runtime_ = loaded.runtime;
+  scheduler_ = loaded.scheduler;
+  device_ = DeviceName(runtime_->spec().device);
+  dtype_ = DTypeName(runtime_->spec().dtype);
+  linear_decisions_ = runtime_->linear_decisions();
 }
 
 const std::shared_ptr<Blip2Runtime>& NativeBlip2Model::Require() const {
@@ -112,15 +132,31 @@ Napi::Value NativeBlip2Model::Load(const Napi::CallbackInfo& info) {
   return GuardJs(env, [&]() -> Napi::Value {
     if (!info[0].IsObject()) throw InvalidArgument("spec", "not an object", "a model spec object");
     ModelSpec spec = ModelSpec::FromJs(info[0].As<Napi::Object>());
-    auto cancel = NativeCancelToken::FromValue(info[1]);
+    if (!info[1].IsObject()) throw InvalidArgument("scheduler", "not an object", "scheduler options");
+    Napi::Object s = info[1].As<Napi::Object>();
+    SchedulerOptions options;
+    options.slots = OptionInt(s, "slots", options.slots, 1);
+    options.max_length = OptionInt(s, "maxLength", std::min(options.max_length, spec.max_length), 2);
+    options.max_queue = OptionInt(s, "maxQueue", options.max_queue, 0);
+    options.prefill_chunk = OptionInt(s, "prefillChunk", options.prefill_chunk, 1);
+    if (options.max_length > spec.max_length) {
+      throw InvalidArgument("maxLength", std::to_string(options.max_length), "at most the model's " + std::to_string(spec.max_length) + " positions");
+    }
+    auto cancel = NativeCancelToken::FromValue(info[2]);
     napi_ref ctor_ref = nullptr;
     napi_create_reference(env, info.This(), 1, &ctor_ref);
-    return RunAsync<std::shared_ptr<Blip2Runtime>>(
-        env, spec.device, [spec]() { return Blip2Runtime::Load(spec); },
-        [ctor_ref](Napi::Env env, std::shared_ptr<Blip2Runtime>& runtime) -> Napi::Value {
+    return RunAsync<Loaded>(
+        env, spec.device,
+        [spec, options]() {
+          Loaded loaded;
+          loaded.runtime = Blip2Runtime::Load(spec);
+          loaded.scheduler = std::make_shared<Scheduler>(loaded.runtime, options);  // allocates the KV cache
+          return loaded;
+        },
+        [ctor_ref](Napi::Env env, Loaded& loaded) -> Napi::Value {
           napi_value ctor = nullptr;
           napi_get_reference_value(env, ctor_ref, &ctor);
-          return Napi::Function(env, ctor).New({Napi::External<std::shared_ptr<Blip2Runtime>>::New(env, &runtime)});
+          return Napi::Function(env, ctor).New({Napi::External<Loaded>::New(env, &loaded)});
         },
         cancel, [ctor_ref](Napi::Env env) { napi_delete_reference(env, ctor_ref); });
   });
@@ -167,33 +203,58 @@ Napi::Value NativeBlip2Model::Generate(const Napi::CallbackInfo& info) {
     Napi::Function on_step;
     if (info[4].IsFunction()) on_step = info[4].As<Napi::Function>();
     auto cancel = NativeCancelToken::FromValue(info[5]);
+    bool stop_on_abort = info[6].ToBoolean().Value();
     GenerationInputs generation_inputs{inputs.pixel_values, inputs.input_ids, inputs.attention_mask};
-    auto task = std::make_shared<GenerationTask>(env, runtime, std::move(generation_inputs), std::move(options), on_step, cancel);
-    Napi::Promise promise = task->promise();
-    Executor::For(runtime->spec().device).Submit(std::move(task));
-    return promise;
+    return scheduler_->Submit(env, std::move(generation_inputs), inputs.batch, std::move(options), on_step, cancel, stop_on_abort);
   });
 }
 
 Napi::Value NativeBlip2Model::Dispose(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
   runtime_.reset();
-  return info.Env().Undefined();
+  if (!scheduler_) {
+    auto done = Napi::Promise::Deferred::New(env);
+    done.Resolve(env.Undefined());
+    return done.Promise();
+  }
+  Napi::Promise freed = scheduler_->Dispose(env);
+  scheduler_.reset();
+  return freed;
 }
 
-Napi::Value NativeBlip2Model::GetDevice(const Napi::CallbackInfo& info) {
-  return Napi::String::New(info.Env(), runtime_ ? DeviceName(runtime_->spec().device) : "");
-}
+Napi::Value NativeBlip2Model::GetDevice(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), device_); }
 
-Napi::Value NativeBlip2Model::GetDType(const Napi::CallbackInfo& info) {
-  return Napi::String::New(info.Env(), runtime_ ? DTypeName(runtime_->spec().dtype) : "");
+Napi::Value NativeBlip2Model::GetDType(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), dtype_); }
+
+Napi::Value NativeBlip2Model::GetStats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Object o = Napi::Object::New(env);
+  SchedulerStats s = scheduler_ ? scheduler_->Stats() : SchedulerStats();
+  o.Set("disposed", scheduler_ == nullptr);
+  o.Set("queued", static_cast<double>(s.queued));
+  o.Set("runningCalls", static_cast<double>(s.running_calls));
+  o.Set("runningSequences", static_cast<double>(s.running_sequences));
+  o.Set("prefillingRows", static_cast<double>(s.prefilling_rows));
+  o.Set("slotsInUse", static_cast<double>(s.slots_in_use));
+  o.Set("slots", static_cast<double>(s.slots));
+  o.Set("maxLength", static_cast<double>(s.max_length));
+  o.Set("kvCacheBytes", static_cast<double>(s.kv_cache_bytes));
+  o.Set("completedCalls", static_cast<double>(s.completed));
+  o.Set("failedCalls", static_cast<double>(s.failed));
+  o.Set("decodeSteps", static_cast<double>(s.decode_steps));
+  o.Set("generatedTokens", static_cast<double>(s.generated_tokens));
+  o.Set("prefillTokens", static_cast<double>(s.prefill_tokens));
+  o.Set("tokensPerSecond", s.tokens_per_second);
+  o.Set("lastStepMs", s.last_step_ms);
+  o.Set("largestStepRows", static_cast<double>(s.largest_step_rows));
+  return o;
 }
 
 Napi::Value NativeBlip2Model::GetLinearKernels(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Array out = Napi::Array::New(env);
-  if (!runtime_) return out;
   uint32_t i = 0;
-  for (const LinearDecision& d : runtime_->linear_decisions()) {
+  for (const LinearDecision& d : linear_decisions_) {
     Napi::Object o = Napi::Object::New(env);
     o.Set("outFeatures", static_cast<double>(d.out_features));
     o.Set("inFeatures", static_cast<double>(d.in_features));

@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "blip2/runtime.h"
+#include "blip2/scheduler.h"
 
 namespace blip2 {
 
@@ -23,9 +24,14 @@ class NativeBlip2Model : public Napi::ObjectWrap<NativeBlip2Model> {
   Napi::Value GetDevice(const Napi::CallbackInfo& info);
   Napi::Value GetDType(const Napi::CallbackInfo& info);
   Napi::Value GetLinearKernels(const Napi::CallbackInfo& info);
+  Napi::Value GetStats(const Napi::CallbackInfo& info);
   const std::shared_ptr<Blip2Runtime>& Require() const;
 
   std::shared_ptr<Blip2Runtime> runtime_;
+  std::shared_ptr<Scheduler> scheduler_;
+  std::string device_;  // kept after dispose
+  std::string dtype_;
+  std::vector<LinearDecision> linear_decisions_;
 };
 
 }  // namespace blip2

@@ -21,24 +21,6 @@ int64_t FirstSlotIfConsecutive(const std::vector<int64_t>& slots) {
   return slots.empty() ? -1 : slots[0];
 }
 
-KvCache::KvCache(const ModelSpec& spec, int64_t slots, int64_t max_length) {
-  // Zeros, not empty(): a value row past a sequence's length is multiplied by probability 0, and
-  // 0 * NaN from uninitialised memory would still be NaN.
-  cache_ = at::zeros({spec.num_layers, 2, slots, spec.num_heads, max_length, spec.head_dim},
-                     at::TensorOptions().dtype(spec.dtype).device(spec.device));
-  Stats::kv_cache_allocations += 1;
-  Stats::kv_cache_bytes += static_cast<int64_t>(cache_.nbytes());
-}
-
-void KvCache::CopySlots(const std::vector<int64_t>& source, const std::vector<int64_t>& destination, int64_t length) {
-  if (source.empty()) return;
-  at::Tensor src = LongTensorOn(source, cache_.device());
-  at::Tensor dst = LongTensorOn(destination, cache_.device());
-  at::Tensor filled = cache_.narrow(4, 0, length);
-  // index_select copies first, so overlapping source and destination slots are safe.
-  filled.index_copy_(2, dst, filled.index_select(2, src));
-}
-
 Blip2Runtime::Blip2Runtime(ModelSpec spec, std::shared_ptr<LoadedModule> image_encoder,
                            std::shared_ptr<LoadedModule> language_model)
     : spec_(std::move(spec)),
@@ -213,25 +195,37 @@ at::Tensor Blip2Runtime::Forward(const at::Tensor& pixel_values, const std::opti
   return forward_full_({embeds, mask}).toTensor();
 }
 
-at::Tensor Blip2Runtime::Prefill(KvCache& cache, const PreparedPrompts& prompts, const std::vector<int64_t>& slots) {
-  const int64_t batch = prompts.inputs_embeds.size(0);
-  std::vector<int64_t> last(batch);
-  for (int64_t b = 0; b < batch; ++b) last[b] = prompts.lengths[b] - 1;
-  std::vector<c10::IValue> args{cache.tensor(),
-                                prompts.inputs_embeds,
-                                LongTensorOn(slots, spec_.device),
-                                at::zeros({batch}, at::TensorOptions().dtype(at::kLong).device(spec_.device)),
-                                prompts.inputs_embeds.size(1),
-                                LongTensorOn(last, spec_.device),
-                                FirstSlotIfConsecutive(slots)};
+std::vector<std::vector<int64_t>> Blip2Runtime::CacheShapes(int64_t slots, int64_t max_length) const {
+  return {{spec_.num_layers, 2, slots, spec_.num_heads, max_length, spec_.head_dim}};
+}
+
+at::Tensor Blip2Runtime::PrefillChunk(SlotCache& cache, const at::Tensor& embeds, const std::vector<int64_t>& slots,
+                                      const std::vector<int64_t>& start, const std::vector<int64_t>& last) {
+  int64_t kv_len = 0;
+  for (size_t i = 0; i < start.size(); ++i) {
+    if (slots[i] < 0 || slots[i] >= cache.slots() || start[i] < 0 || start[i] + embeds.size(1) > cache.length()) {
+      throw Error(ErrorCode::kInternal, "prefill outside the cache: slot " + std::to_string(slots[i]) + ", positions " +
+                  std::to_string(start[i]) + ".." + std::to_string(start[i] + embeds.size(1)));
+    }
+    kv_len = std::max(kv_len, start[i] + embeds.size(1));
+  }
+  std::vector<c10::IValue> args{cache.tensor(), embeds, LongTensorOn(slots, spec_.device), LongTensorOn(start, spec_.device),
+                                kv_len, LongTensorOn(last, spec_.device), FirstSlotIfConsecutive(slots)};
   return forward_cached_(std::move(args)).toTensor();
 }
 
-at::Tensor Blip2Runtime::Decode(KvCache& cache, const at::Tensor& tokens, const std::vector<int64_t>& slots,
-                                const std::vector<int64_t>& positions) {
-  int64_t kv_len = *std::max_element(positions.begin(), positions.end()) + 1;
-  std::vector<c10::IValue> args{cache.tensor(), tokens, LongTensorOn(slots, spec_.device), LongTensorOn(positions, spec_.device), kv_len,
-                                FirstSlotIfConsecutive(slots)};
+at::Tensor Blip2Runtime::Decode(SlotCache& cache, const at::Tensor& tokens, const std::vector<int64_t>& positions, int64_t kv_len) {
+  const int64_t n = static_cast<int64_t>(positions.size());
+  if (n > cache.slots() || kv_len > cache.length()) {
+    throw Error(ErrorCode::kInternal, "decode outside the cache: " + std::to_string(n) + " rows, kv_len " + std::to_string(kv_len));
+  }
+  for (int64_t p : positions) {
+    if (p < 0 || p >= cache.length()) throw Error(ErrorCode::kInternal, "decode position " + std::to_string(p) + " outside the cache");
+  }
+  std::vector<int64_t> slots(n);
+  for (int64_t i = 0; i < n; ++i) slots[i] = i;
+  std::vector<c10::IValue> args{cache.tensor(), tokens, LongTensorOn(slots, spec_.device), LongTensorOn(positions, spec_.device),
+                                kv_len, int64_t{0}};
   return decode_(std::move(args)).toTensor();
 }
 

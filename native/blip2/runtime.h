@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "blip2/model_spec.h"
+#include "blip2/slot_cache.h"
 #include "core/script_module.h"
 #include "core/torch_includes.h"
 #include "kernels/linear.h"
@@ -20,20 +21,6 @@ struct PreparedPrompts {
   at::Tensor inputs_embeds;      // [B, Tmax, E], right-padded, model dtype
   std::vector<int64_t> lengths;  // real positions per row
   at::Tensor input_ids;          // [B, T] int64 on the CPU, as the caller gave them (pads included)
-};
-
-class KvCache {
- public:
-  KvCache(const ModelSpec& spec, int64_t slots, int64_t max_length);
-  at::Tensor& tensor() { return cache_; }
-  int64_t slots() const { return cache_.size(2); }
-  int64_t max_length() const { return cache_.size(4); }
-  // Slots `destination[i]` ← slots `source[i]` over the first `length` positions (beam reordering
-  // and fan-out of one prefilled prompt to several sequences); one gather + one scatter.
-  void CopySlots(const std::vector<int64_t>& source, const std::vector<int64_t>& destination, int64_t length);
-
- private:
-  at::Tensor cache_;  // [layers, 2, slots, heads, max_length, head_dim]
 };
 
 class Blip2Runtime {
@@ -54,12 +41,14 @@ class Blip2Runtime {
   at::Tensor Forward(const at::Tensor& pixel_values, const std::optional<at::Tensor>& input_ids,
                      const std::optional<at::Tensor>& attention_mask);
 
-  // Writes the prompts into `slots` (fresh, positions from 0) and returns the logits of each
-  // prompt's last position, [B, V] float32.
-  at::Tensor Prefill(KvCache& cache, const PreparedPrompts& prompts, const std::vector<int64_t>& slots);
-  // One token per row at positions[i] of slots[i]; returns [N, V] float32.
-  at::Tensor Decode(KvCache& cache, const at::Tensor& tokens, const std::vector<int64_t>& slots,
-                    const std::vector<int64_t>& positions);
+  // The KV cache tensors' shapes for `slots` sequences of `max_length` positions.
+  std::vector<std::vector<int64_t>> CacheShapes(int64_t slots, int64_t max_length) const;
+  // Writes row i's T_i ≤ T tokens (`embeds` [N, T, E], right-padded) at positions start[i].. of
+  // slots[i] and returns the logits of each row's token last[i], [N, V] float32.
+  at::Tensor PrefillChunk(SlotCache& cache, const at::Tensor& embeds, const std::vector<int64_t>& slots,
+                          const std::vector<int64_t>& start, const std::vector<int64_t>& last);
+  // One token per running sequence, sequence i in slot i at positions[i]; [N, V] float32.
+  at::Tensor Decode(SlotCache& cache, const at::Tensor& tokens, const std::vector<int64_t>& positions, int64_t kv_len);
 
  private:
   Blip2Runtime(ModelSpec spec, std::shared_ptr<LoadedModule> image_encoder, std::shared_ptr<LoadedModule> language_model);

@@ -38,6 +38,10 @@ class PromiseTask : public Task {
   bool Step() override {
     auto result = std::make_shared<std::unique_ptr<R>>();
     std::exception_ptr failure;
+    if (channel_->closed()) {
+      work_ = nullptr;  // the environment is gone: nobody to tell
+      return true;
+    }
     try {
       if (cancel_ && cancel_->IsCancelled()) throw Error(ErrorCode::kAborted, "the operation was aborted");
       c10::OptionalDeviceGuard device_guard;
@@ -46,6 +50,20 @@ class PromiseTask : public Task {
     } catch (...) {
       failure = std::current_exception();
     }
+    Settle(std::move(result), failure);
+    return true;
+  }
+
+  void Fail(std::exception_ptr error) noexcept override {
+    try {
+      Settle(std::make_shared<std::unique_ptr<R>>(), error);
+    } catch (...) {
+      // Out of memory while reporting an error: nothing left to do.
+    }
+  }
+
+ private:
+  void Settle(std::shared_ptr<std::unique_ptr<R>> result, std::exception_ptr failure) {
     // Work captured by the lambdas is released here, on the executor, not on the JS thread.
     work_ = nullptr;
     Napi::Promise::Deferred deferred = deferred_;
@@ -54,8 +72,9 @@ class PromiseTask : public Task {
     Finally finally = std::move(finally_);
     channel_->Post([deferred, channel, to_js, finally, result, failure](Napi::Env env) {
       channel->EndWork(env);
-      if (failure) {
-        deferred.Reject(ToJsError(env, ErrorFromException(failure)));
+      if (failure || !*result) {
+        deferred.Reject(ToJsError(env, failure ? ErrorFromException(failure)
+                                               : Error(ErrorCode::kInternal, "native task ended without a result")));
       } else {
         try {
           deferred.Resolve(to_js(env, **result));
@@ -67,10 +86,8 @@ class PromiseTask : public Task {
       }
       if (finally) finally(env);
     });
-    return true;
   }
 
- private:
   Napi::Promise::Deferred deferred_;
   std::shared_ptr<JsChannel> channel_;
   c10::Device device_;

@@ -19,6 +19,7 @@ const char* ErrorCodeName(ErrorCode code) {
     case ErrorCode::kTorch: return "ERR_BLIP2_TORCH";
     case ErrorCode::kOutOfMemory: return "ERR_BLIP2_OUT_OF_MEMORY";
     case ErrorCode::kAborted: return "ABORT_ERR";
+    case ErrorCode::kQueueFull: return "ERR_BLIP2_QUEUE_FULL";
     case ErrorCode::kImageDecode: return "ERR_BLIP2_IMAGE_DECODE";
     case ErrorCode::kInternal: return "ERR_BLIP2_INTERNAL";
   }

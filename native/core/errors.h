@@ -21,6 +21,7 @@ enum class ErrorCode {
   kTorch,            // libtorch failed while running
   kOutOfMemory,      // an allocation failed on the device
   kAborted,          // cancelled through an AbortSignal
+  kQueueFull,        // back-pressure: the model's queue is at maxQueue
   kImageDecode,      // an image that cannot be decoded
   kInternal,         // a bug of ours
 };

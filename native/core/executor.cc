@@ -1,28 +1,51 @@
 #include "core/executor.h"
 
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <map>
+#include <vector>
 
 #include <torch/csrc/jit/runtime/graph_executor.h>
 
 namespace blip2 {
 
-Executor& Executor::For(const c10::Device& requested) {
-  static std::mutex registry_mutex;
-  // Leaked on purpose: executor threads may still be parked at process exit and must not be
-  // joined from static destructors that run after libtorch's own have.
+namespace {
+
+std::mutex& RegistryMutex() {
+  static auto* mutex = new std::mutex();
+  return *mutex;
+}
+
+// Leaked on purpose: executor threads may still be parked at process exit and must not be joined
+// or destroyed from static destructors.
+std::map<std::string, Executor*>& Registry() {
   static auto* registry = new std::map<std::string, Executor*>();
+  return *registry;
+}
+
+}  // namespace
+
+Executor& Executor::For(const c10::Device& requested) {
   c10::Device device = requested;
   if (!device.is_cpu() && !device.has_index()) device.set_index(0);
-  std::lock_guard<std::mutex> lock(registry_mutex);
+  std::lock_guard<std::mutex> lock(RegistryMutex());
   auto key = device.str();
-  auto it = registry->find(key);
-  if (it != registry->end()) return *it->second;
+  auto it = Registry().find(key);
+  if (it != Registry().end()) return *it->second;
   auto* executor = new Executor(device);
-  registry->emplace(key, executor);
+  Registry().emplace(key, executor);
   return *executor;
+}
+
+void Executor::ShutdownAll(int64_t timeout_ms) {
+  std::vector<Executor*> all;
+  {
+    std::lock_guard<std::mutex> lock(RegistryMutex());
+    for (auto& [key, executor] : Registry()) all.push_back(executor);
+  }
+  for (Executor* e : all) e->Stop(timeout_ms);
 }
 
 Executor::Executor(c10::Device device) : device_(device) {
@@ -39,6 +62,16 @@ void Executor::Submit(std::shared_ptr<Task> task) {
   wake_.notify_one();
 }
 
+void Executor::Stop(int64_t timeout_ms) {
+  std::unique_lock<std::mutex> lock(mutex_);
+  stopping_ = true;
+  wake_.notify_all();
+  if (!idle_.wait_for(lock, std::chrono::milliseconds(timeout_ms), [this] { return !running_step_; })) {
+    std::fprintf(stderr, "blip2-node: a step on %s did not finish within %lld ms of process exit\n", device_.str().c_str(),
+                 static_cast<long long>(timeout_ms));
+  }
+}
+
 void Executor::Loop() {
   // Both are per thread: inference mode skips autograd bookkeeping for everything we run, and
   // OpenMP's thread team is set up for the thread that issues the ops.
@@ -46,32 +79,37 @@ void Executor::Loop() {
   at::init_num_threads();
   // TorchScript's profiling executor re-optimises each method over its first few calls (up to
   // ~170 ms per call on 2 cores) and again when shapes change, which decoding does every step; on
-  // CPU it buys nothing measurable here (mid-size model: 0.75-0.85 s per 20-token caption either
-  // way), so graphs run as exported unless BLIP2_JIT_OPTIMIZE=1.
+  // CPU it buys nothing measurable here, so graphs run as exported unless BLIP2_JIT_OPTIMIZE=1.
   const char* optimize = std::getenv("BLIP2_JIT_OPTIMIZE");
   torch::jit::setGraphExecutorOptimize(optimize != nullptr && std::strcmp(optimize, "1") == 0);
   for (;;) {
     std::shared_ptr<Task> task;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [this] { return !queue_.empty(); });
+      wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+      if (stopping_) {
+        // Parked for good: the process is exiting. Tasks still queued are leaked with it.
+        idle_.notify_all();
+        wake_.wait(lock, [] { return false; });
+      }
       task = std::move(queue_.front());
       queue_.pop_front();
+      running_step_ = true;
     }
     bool finished = true;
     try {
       finished = task->Step();
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "blip2-node: task on %s threw: %s\n", device_.str().c_str(), e.what());
     } catch (...) {
-      std::fprintf(stderr, "blip2-node: task on %s threw a non-standard exception\n", device_.str().c_str());
+      task->Fail(std::current_exception());
     }
+    std::lock_guard<std::mutex> lock(mutex_);
+    running_step_ = false;
     if (finished) {
       pending_.fetch_sub(1);
     } else {
-      std::lock_guard<std::mutex> lock(mutex_);
       queue_.push_back(std::move(task));
     }
+    if (stopping_) idle_.notify_all();
   }
 }
 

@@ -226,6 +226,12 @@ Napi::Value NativeTensor::FromData(const Napi::CallbackInfo& info) {
         source_ = at::Tensor();
         return true;
       }
+      void Fail(std::exception_ptr error) noexcept override {
+        try {
+          result_->set_exception(error);
+        } catch (...) {
+        }
+      }
 
      private:
       at::Tensor source_;

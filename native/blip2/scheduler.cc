@@ -1,0 +1,669 @@
+#include "blip2/scheduler.h"
+
+#include <algorithm>
+#include <chrono>
+
+#include "core/addon_data.h"
+#include "core/errors.h"
+#include "core/stats.h"
+
+namespace blip2 {
+
+// One generate() call, from the JS thread's Submit to its promise settling.
+class Request {
+ public:
+  Request(Napi::Env env, GenerationInputs inputs_in, GenerationOptions options_in, Napi::Function on_step,
+          std::shared_ptr<CancelToken> cancel_in, bool stop_on_abort_in, int64_t batch_in, int64_t rows_in)
+      : inputs(std::move(inputs_in)),
+        options(std::move(options_in)),
+        cancel(std::move(cancel_in)),
+        stop_on_abort(stop_on_abort_in),
+        batch(batch_in),
+        rows(rows_in),
+        channel(AddonData::Get(env)->channel),
+        deferred(Napi::Promise::Deferred::New(env)) {
+    if (!on_step.IsEmpty()) napi_create_reference(env, on_step, 1, &on_step_ref);
+    channel->BeginWork(env);
+  }
+
+  bool cancelled() const { return cancel && cancel->IsCancelled(); }
+
+  // Settles the promise: the result (error null) or the error. Executor thread; once.
+  void Settle(std::exception_ptr error, at::Tensor sequences, at::Tensor scores) {
+    if (settled) return;
+    settled = true;
+    Napi::Promise::Deferred d = deferred;
+    auto ch = channel;
+    napi_ref callback = on_step_ref;
+    on_step_ref = nullptr;
+    ch->Post([d, ch, callback, error, sequences, scores](Napi::Env env) {
+      ch->EndWork(env);
+      if (callback != nullptr) napi_delete_reference(env, callback);
+      if (error) {
+        d.Reject(ToJsError(env, ErrorFromException(error)));
+        return;
+      }
+      try {
+        Napi::Object result = Napi::Object::New(env);
+        result.Set("sequences", NativeTensor::NewInstance(env, sequences));
+        result.Set("sequencesScores", scores.defined() ? Napi::Value(NativeTensor::NewInstance(env, scores)) : env.Null());
+        d.Resolve(result);
+      } catch (const Napi::Error& e) {
+        d.Reject(e.Value());
+      }
+    });
+  }
+
+  // The tokens of one step to the caller's onStep (greedy and sampling).
+  void PostStep() {
+    if (on_step_ref == nullptr || !group) return;
+    const auto& tokens = group->last_tokens();
+    if (tokens.empty()) return;
+    std::vector<int64_t> sequences, ids;
+    for (const auto& [sequence, token] : tokens) {
+      sequences.push_back(sequence);
+      ids.push_back(token);
+    }
+    napi_ref callback = on_step_ref;
+    int64_t step = group->steps() - 1;
+    channel->Post([callback, sequences, ids, step](Napi::Env env) {
+      napi_value fn = nullptr;
+      if (napi_get_reference_value(env, callback, &fn) != napi_ok || fn == nullptr) return;
+      Napi::Object event = Napi::Object::New(env);
+      event.Set("step", static_cast<double>(step));
+      Napi::Array seq = Napi::Array::New(env, sequences.size());
+      Napi::Array tok = Napi::Array::New(env, ids.size());
+      for (size_t i = 0; i < sequences.size(); ++i) {
+        seq.Set(static_cast<uint32_t>(i), static_cast<double>(sequences[i]));
+        tok.Set(static_cast<uint32_t>(i), static_cast<double>(ids[i]));
+      }
+      event.Set("sequences", seq);
+      event.Set("tokens", tok);
+      // lib's wrapper never throws; a throwing callback is the caller's bug and must not kill us.
+      try {
+        Napi::Function(env, fn).Call({event});
+      } catch (const Napi::Error&) {
+      }
+    });
+  }
+
+  GenerationInputs inputs;
+  GenerationOptions options;
+  std::shared_ptr<CancelToken> cancel;
+  bool stop_on_abort;
+  int64_t batch;  // prompts (images)
+  int64_t rows;   // sequences (slots) this call needs
+  std::shared_ptr<JsChannel> channel;
+  Napi::Promise::Deferred deferred;
+  napi_ref on_step_ref = nullptr;
+  bool settled = false;
+
+  enum class State { kQueued, kPrefilling, kDecoding } state = State::kQueued;
+  std::unique_ptr<SequenceGroup> group;
+  std::vector<int64_t> slot_of;             // sequence → slot (-1 once released)
+  std::vector<at::Tensor> prompt_embeds;    // prompt b → [T_b, E]
+  std::vector<int64_t> prompt_done;         // prompt b → positions prefilled
+  std::vector<at::Tensor> prompt_logits;    // prompt b → [V] once prefilled
+};
+
+namespace {
+
+// Keeps a Scheduler cycling on its device's executor while it has work.
+class SchedulerTask : public Task {
+ public:
+  explicit SchedulerTask(std::shared_ptr<Scheduler> scheduler) : scheduler_(std::move(scheduler)) {}
+  bool Step() override {
+    c10::OptionalDeviceGuard guard;
+    const c10::Device device = scheduler_->runtime() ? scheduler_->runtime()->spec().device : c10::Device(c10::kCPU);
+    if (!device.is_cpu()) guard.reset_device(device);
+    bool idle = scheduler_->Cycle();
+    if (idle) scheduler_.reset();  // the last owner may be this task: free on the executor
+    return idle;
+  }
+  void Fail(std::exception_ptr error) noexcept override { scheduler_->FailAll(error); }
+
+ private:
+  std::shared_ptr<Scheduler> scheduler_;
+};
+
+at::Tensor LongOn(const std::vector<int64_t>& values, const c10::Device& device) {
+  return at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(device);
+}
+
+std::exception_ptr Disposed() {
+  return std::make_exception_ptr(Error(ErrorCode::kDisposed, "the model was disposed before this generate() call finished"));
+}
+
+}  // namespace
+
+Scheduler::Scheduler(std::shared_ptr<Blip2Runtime> runtime, SchedulerOptions options)
+    : runtime_(std::move(runtime)), options_(options) {
+  cache_ = std::make_unique<SlotCache>(runtime_->CacheShapes(options_.slots, options_.max_length), runtime_->spec().dtype,
+                                       runtime_->spec().device);
+  slot_table_.assign(options_.slots, Slot());
+  stats_.slots = options_.slots;
+  stats_.max_length = options_.max_length;
+  stats_.kv_cache_bytes = cache_->bytes();
+}
+
+Scheduler::~Scheduler() = default;
+
+Napi::Promise Scheduler::Submit(Napi::Env env, GenerationInputs inputs, int64_t batch, GenerationOptions options,
+                                Napi::Function on_step, std::shared_ptr<CancelToken> cancel, bool stop_on_abort) {
+  const int64_t per_prompt = options.num_beams > 1 ? options.num_beams : options.num_return_sequences;
+  const int64_t rows = batch * per_prompt;
+  if (rows > options_.slots) {
+    throw InvalidArgument("inputs.pixelValues", "a batch of " + std::to_string(batch) + " image(s) x " + std::to_string(per_prompt) +
+                          " sequence(s) each = " + std::to_string(rows) + " sequences",
+                          "at most " + std::to_string(options_.slots) + " sequences per call (the model's maxBatchSize)");
+  }
+  auto request = std::make_shared<Request>(env, std::move(inputs), std::move(options), on_step, std::move(cancel), stop_on_abort, batch, rows);
+  Napi::Promise promise = request->deferred.Promise();
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (disposing_) {
+    request->settled = true;
+    request->channel->EndWork(env);
+    if (request->on_step_ref != nullptr) napi_delete_reference(env, request->on_step_ref);
+    throw Error(ErrorCode::kDisposed, "this model has been disposed; it can no longer be used");
+  }
+  if (static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
+    request->settled = true;
+    request->channel->EndWork(env);
+    if (request->on_step_ref != nullptr) napi_delete_reference(env, request->on_step_ref);
+    throw Error(ErrorCode::kQueueFull,
+                "the model's queue is full (" + std::to_string(queue_.size()) + " calls waiting, maxQueue " +
+                    std::to_string(options_.max_queue) + "); retry later or raise maxQueue",
+                {{"argument", "maxQueue"}, {"value", std::to_string(options_.max_queue)}});
+  }
+  queue_.push_back(std::move(request));
+  stats_.queued = static_cast<int64_t>(queue_.size());
+  EnsureScheduled();
+  return promise;
+}
+
+void Scheduler::EnsureScheduled() {
+  if (scheduled_) return;
+  scheduled_ = true;
+  Executor::For(runtime_->spec().device).Submit(std::make_shared<SchedulerTask>(shared_from_this()));
+}
+
+Napi::Promise Scheduler::Dispose(Napi::Env env) {
+  auto deferred = Napi::Promise::Deferred::New(env);
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (disposing_ || !runtime_) {
+    deferred.Resolve(env.Undefined());  // already disposed (or disposing): nothing more to wait for
+    return deferred.Promise();
+  }
+  disposing_ = true;
+  dispose_channel_ = AddonData::Get(env)->channel;
+  dispose_channel_->BeginWork(env);
+  dispose_deferred_ = deferred;
+  EnsureScheduled();
+  return deferred.Promise();
+}
+
+SchedulerStats Scheduler::Stats() const {
+  std::lock_guard<std::mutex> lock(mutex_);
+  SchedulerStats s = stats_;
+  s.queued = static_cast<int64_t>(queue_.size());
+  return s;
+}
+
+void Scheduler::PublishStats() {
+  int64_t prefilling = 0, calls = 0;
+  for (const auto& r : active_) {
+    ++calls;
+    if (r->state == Request::State::kPrefilling) {
+      for (size_t b = 0; b < r->prompt_done.size(); ++b) {
+        if (!r->prompt_logits[b].defined()) ++prefilling;
+      }
+    }
+  }
+  int64_t in_use = 0;
+  for (const Slot& s : slot_table_) in_use += s.owner != nullptr;
+  std::lock_guard<std::mutex> lock(mutex_);
+  stats_.queued = static_cast<int64_t>(queue_.size());
+  stats_.running_calls = calls;
+  stats_.running_sequences = running_count_;
+  stats_.prefilling_rows = prefilling;
+  stats_.slots_in_use = in_use;
+  stats_.kv_cache_bytes = cache_ ? cache_->bytes() : 0;
+  stats_.completed = completed_;
+  stats_.failed = failed_;
+  stats_.decode_steps = decode_steps_;
+  stats_.generated_tokens = generated_tokens_;
+  stats_.prefill_tokens = prefill_tokens_;
+  stats_.tokens_per_second = tokens_per_second_;
+  stats_.last_step_ms = last_step_ms_;
+  stats_.largest_step_rows = largest_step_rows_;
+}
+
+bool Scheduler::Cycle() {
+  bool disposing;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    disposing = disposing_;
+  }
+  if (disposing) {
+    FailAll(Disposed());
+    cache_.reset();
+    runtime_.reset();  // the weights go with the last owner; NativeBlip2Model dropped its own
+    std::lock_guard<std::mutex> lock(mutex_);
+    if (dispose_deferred_) {
+      Napi::Promise::Deferred d = *dispose_deferred_;
+      auto ch = dispose_channel_;
+      ch->Post([d, ch](Napi::Env env) {
+        ch->EndWork(env);
+        d.Resolve(env.Undefined());
+      });
+      dispose_deferred_.reset();
+    }
+    stats_ = SchedulerStats();
+    scheduled_ = false;
+    return true;
+  }
+  DropClosedAndCancelled();
+  try {
+    Admit();
+    Prefill();
+    DecodeStep();
+  } catch (...) {
+    // A failure outside one call's own work (the shared decode step): every running call gets
+    // the error, the slots are freed, and the model stays usable for the next calls.
+    std::exception_ptr error = std::current_exception();
+    for (auto& r : std::vector<std::shared_ptr<Request>>(active_)) Finish(*r, error);
+  }
+  PublishStats();
+  std::lock_guard<std::mutex> lock(mutex_);
+  if (queue_.empty() && active_.empty() && !disposing_) {
+    scheduled_ = false;
+    return true;
+  }
+  return false;
+}
+
+void Scheduler::FailAll(std::exception_ptr error) noexcept {
+  try {
+    std::deque<std::shared_ptr<Request>> queued;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      queued.swap(queue_);
+    }
+    for (auto& r : queued) {
+      r->Settle(error, {}, {});
+      ++failed_;
+    }
+    for (auto& r : std::vector<std::shared_ptr<Request>>(active_)) Finish(*r, error);
+    PublishStats();
+  } catch (...) {
+  }
+}
+
+void Scheduler::DropClosedAndCancelled() {
+  std::vector<std::shared_ptr<Request>> aborted;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    for (auto it = queue_.begin(); it != queue_.end();) {
+      if ((*it)->channel->closed() || (*it)->cancelled()) {
+        aborted.push_back(*it);
+        it = queue_.erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  for (auto& r : aborted) {
+    if (r->channel->closed()) continue;  // the environment is gone: nobody to tell
+    if (r->stop_on_abort) {
+      try {
+        // Nothing generated yet: each returned row is its input ids alone.
+        std::optional<at::Tensor> given;
+        if (r->inputs.input_ids) given = r->inputs.input_ids->Get();
+        at::Tensor ids = runtime_->ResolveInputIds(given, r->batch);
+        r->Settle(nullptr, ids.repeat_interleave(r->options.num_return_sequences, 0).contiguous(), {});
+        continue;
+      } catch (...) {
+      }
+    }
+    r->Settle(std::make_exception_ptr(Error(ErrorCode::kAborted, "generation was aborted")), {}, {});
+  }
+  for (auto& r : std::vector<std::shared_ptr<Request>>(active_)) {
+    if (r->channel->closed()) {
+      r->settled = true;
+      Finish(*r, nullptr);
+    } else if (r->cancelled()) {
+      Finish(*r, r->stop_on_abort && r->group ? nullptr
+                                               : std::make_exception_ptr(Error(ErrorCode::kAborted, "generation was aborted")));
+    }
+  }
+}
+
+void Scheduler::Admit() {
+  int64_t free = 0;
+  for (const Slot& s : slot_table_) free += s.owner == nullptr;
+  std::vector<std::shared_ptr<Request>> taken;
+  {
+    std::lock_guard<std::mutex> lock(mutex_);
+    while (!queue_.empty()) {
+      const auto& next = queue_.front();
+      if (next->rows > free) break;  // in order: a large call is not overtaken
+      // While sequences are decoding, one call's images per cycle: an image encode is the
+      // longest thing that holds them up.
+      if (running_count_ > 0 && !taken.empty()) break;
+      free -= next->rows;
+      taken.push_back(next);
+      queue_.pop_front();
+    }
+  }
+  if (taken.empty()) return;
+  const ModelSpec& spec = runtime_->spec();
+
+  // Inputs, then one image encode for everything taken.
+  std::vector<at::Tensor> pixels;
+  std::vector<std::shared_ptr<Request>> ready;
+  std::vector<std::pair<at::Tensor, at::Tensor>> ids_and_masks;
+  for (auto& r : taken) {
+    try {
+      at::Tensor pv = r->inputs.pixel_values->Get();
+      std::optional<at::Tensor> ids_arg, mask_arg;
+      if (r->inputs.input_ids) ids_arg = r->inputs.input_ids->Get();
+      if (r->inputs.attention_mask) mask_arg = r->inputs.attention_mask->Get();
+      at::Tensor ids = runtime_->ResolveInputIds(ids_arg, pv.size(0));
+      at::Tensor mask = runtime_->ResolveAttentionMask(mask_arg, ids);
+      r->inputs = GenerationInputs();  // the caller may dispose its tensors now
+      pixels.push_back(pv.to(spec.device, spec.dtype));
+      ids_and_masks.emplace_back(ids, mask);
+      ready.push_back(r);
+    } catch (...) {
+      r->Settle(std::current_exception(), {}, {});
+      ++failed_;
+    }
+  }
+  if (ready.empty()) return;
+  at::Tensor query_embeds;
+  try {
+    query_embeds = runtime_->EncodeImages(pixels.size() == 1 ? pixels[0] : at::cat(pixels, 0));
+  } catch (...) {
+    std::exception_ptr error = std::current_exception();
+    for (auto& r : ready) {
+      r->Settle(error, {}, {});
+      ++failed_;
+    }
+    return;
+  }
+  int64_t offset = 0;
+  for (size_t k = 0; k < ready.size(); ++k) {
+    auto& r = ready[k];
+    const int64_t batch = pixels[k].size(0);
+    at::Tensor queries = query_embeds.narrow(0, offset, batch);
+    offset += batch;
+    try {
+      const auto& [ids, mask] = ids_and_masks[k];
+      PreparedPrompts prompts = runtime_->Prepare(queries, ids, mask);
+      int64_t longest = *std::max_element(prompts.lengths.begin(), prompts.lengths.end());
+      if (longest + r->options.max_new_tokens > options_.max_length) {
+        int64_t b = std::max_element(prompts.lengths.begin(), prompts.lengths.end()) - prompts.lengths.begin();
+        throw Error(ErrorCode::kInvalidArgument,
+                    "the prompt of row " + std::to_string(b) + " takes " + std::to_string(longest) + " positions (" +
+                        std::to_string(spec.num_query_tokens) + " image queries and " + std::to_string(longest - spec.num_query_tokens) +
+                        " text tokens); with maxNewTokens " + std::to_string(r->options.max_new_tokens) + " that is more than the " +
+                        std::to_string(options_.max_length) + " positions a sequence may use (maxLength)",
+                    {{"argument", "inputs.inputIds"},
+                     {"value", std::to_string(longest) + " positions"},
+                     {"expected", "at most " + std::to_string(options_.max_length - r->options.max_new_tokens) +
+                                      " positions with maxNewTokens " + std::to_string(r->options.max_new_tokens)}});
+      }
+      r->group = std::make_unique<SequenceGroup>(r->options, ids, prompts.lengths, spec.vocab_size, spec.device);
+      for (int64_t b = 0; b < batch; ++b) {
+        r->prompt_embeds.push_back(prompts.inputs_embeds[b].narrow(0, 0, prompts.lengths[b]));
+        r->prompt_done.push_back(0);
+        r->prompt_logits.emplace_back();
+      }
+      // Slots from the top: running sequences are kept at the bottom (Compact).
+      r->slot_of.assign(r->group->sequences(), -1);
+      int64_t s = static_cast<int64_t>(slot_table_.size()) - 1;
+      for (int64_t i = 0; i < r->group->sequences(); ++i) {
+        while (slot_table_[s].owner != nullptr) --s;
+        slot_table_[s] = {r.get(), i};
+        r->slot_of[i] = s;
+      }
+      r->state = Request::State::kPrefilling;
+      active_.push_back(r);
+    } catch (...) {
+      r->Settle(std::current_exception(), {}, {});
+      ++failed_;
+    }
+  }
+}
+
+std::vector<int64_t> Scheduler::SlotLengths(int64_t slot) const {
+  const Slot& s = slot_table_[slot];
+  int64_t length = 0;
+  if (s.owner != nullptr) {
+    const Request& r = *s.owner;
+    if (r.state == Request::State::kDecoding) {
+      length = r.group->length(s.sequence);
+    } else if (s.sequence % r.group->per_prompt() == 0) {
+      length = r.prompt_done[s.sequence / r.group->per_prompt()];  // the prompt's own slot
+    }
+  }
+  return std::vector<int64_t>(cache_->count(), length);
+}
+
+void Scheduler::Prefill() {
+  struct Row {
+    Request* request;
+    int64_t prompt;
+    int64_t start;
+    int64_t count;
+  };
+  std::vector<Row> rows;
+  int64_t budget = options_.prefill_chunk;
+  for (auto& r : active_) {
+    if (r->state != Request::State::kPrefilling) continue;
+    for (size_t b = 0; b < r->prompt_done.size() && budget > 0; ++b) {
+      int64_t remaining = r->prompt_embeds[b].size(0) - r->prompt_done[b];
+      if (remaining <= 0) continue;
+      int64_t count = std::min(remaining, budget);
+      rows.push_back({r.get(), static_cast<int64_t>(b), r->prompt_done[b], count});
+      budget -= count;
+    }
+    if (budget <= 0) break;
+  }
+  if (rows.empty()) return;
+  int64_t width = 0;
+  for (const Row& row : rows) width = std::max(width, row.count);
+  // Padding of a short row is written past its length (and overwritten later): it must stay in
+  // its slot, so rows whose start leaves no room for the widest chunk wait for the next cycle.
+  rows.erase(std::remove_if(rows.begin(), rows.end(), [&](const Row& row) { return row.start + width > cache_->length(); }),
+             rows.end());
+  if (rows.empty()) return;
+  const ModelSpec& spec = runtime_->spec();
+  at::Tensor embeds = at::zeros({static_cast<int64_t>(rows.size()), width, spec.embed_dim},
+                                rows.front().request->prompt_embeds.front().options());
+  std::vector<int64_t> slots, starts, last;
+  for (size_t i = 0; i < rows.size(); ++i) {
+    const Row& row = rows[i];
+    Request& r = *row.request;
+    embeds[static_cast<int64_t>(i)].narrow(0, 0, row.count).copy_(r.prompt_embeds[row.prompt].narrow(0, row.start, row.count));
+    slots.push_back(r.slot_of[row.prompt * r.group->per_prompt()]);
+    starts.push_back(row.start);
+    last.push_back(row.count - 1);
+  }
+  at::Tensor logits;
+  try {
+    logits = runtime_->PrefillChunk(*cache_, embeds, slots, starts, last);
+  } catch (...) {
+    std::exception_ptr error = std::current_exception();
+    for (const Row& row : rows) {
+      for (auto& r : active_) {
+        if (r.get() == row.request) {
+          Finish(*r, error);
+          break;
+        }
+      }
+    }
+    return;
+  }
+  for (size_t i = 0; i < rows.size(); ++i) {
+    Request& r = *rows[i].request;
+    r.prompt_done[rows[i].prompt] += rows[i].count;
+    prefill_tokens_ += rows[i].count;
+    if (r.prompt_done[rows[i].prompt] == r.prompt_embeds[rows[i].prompt].size(0)) {
+      r.prompt_logits[rows[i].prompt] = logits[static_cast<int64_t>(i)];
+    }
+  }
+  // Calls whose prompts are all in: first tokens, fan-out to their other sequences, decoding.
+  for (auto& r : std::vector<std::shared_ptr<Request>>(active_)) {
+    if (r->state != Request::State::kPrefilling) continue;
+    bool complete = std::all_of(r->prompt_logits.begin(), r->prompt_logits.end(), [](const at::Tensor& t) { return t.defined(); });
+    if (!complete) continue;
+    try {
+      at::Tensor first = at::stack(r->prompt_logits, 0);
+      r->prompt_logits.assign(r->prompt_logits.size(), at::Tensor());
+      r->prompt_embeds.clear();
+      r->state = Request::State::kDecoding;
+      ApplyCopy(*r, r->group->Start(first));
+      generated_tokens_ += static_cast<int64_t>(r->group->last_tokens().size());
+      r->PostStep();
+      if (r->group->finished()) {
+        Finish(*r, nullptr);
+      } else {
+        ReleaseSlots(*r);  // sequences that stopped at their first token
+      }
+    } catch (...) {
+      Finish(*r, std::current_exception());
+    }
+  }
+}
+
+void Scheduler::ApplyCopy(Request& request, const SequenceGroup::SlotCopy& copy) {
+  if (copy.source.empty()) return;
+  std::vector<int64_t> src, dst;
+  for (size_t i = 0; i < copy.source.size(); ++i) {
+    src.push_back(request.slot_of.at(copy.source[i]));
+    dst.push_back(request.slot_of.at(copy.destination[i]));
+  }
+  for (size_t t = 0; t < cache_->count(); ++t) cache_->CopySlots(src, dst, copy.length, t);
+}
+
+void Scheduler::ReleaseSlots(Request& request) {
+  // Sequences no longer running give their slots back at once (beams only when their prompt's
+  // search is done: they are in running() until then).
+  std::vector<bool> running(request.slot_of.size(), false);
+  if (request.state == Request::State::kDecoding) {
+    for (int64_t i : request.group->running()) running[i] = true;
+  }
+  for (size_t i = 0; i < request.slot_of.size(); ++i) {
+    int64_t s = request.slot_of[i];
+    if (s >= 0 && (!running[i] || request.settled)) {
+      slot_table_[s] = Slot();
+      request.slot_of[i] = -1;
+    }
+  }
+}
+
+void Scheduler::Compact() {
+  // Running sequences into slots 0..n-1: each stray (a running sequence at n or above) trades
+  // places with a hole below n (a free slot, or one a prefilling call holds).
+  std::vector<std::pair<Request*, int64_t>> running;
+  for (auto& r : active_) {
+    if (r->state != Request::State::kDecoding) continue;
+    for (int64_t i : r->group->running()) running.emplace_back(r.get(), i);
+  }
+  const int64_t n = static_cast<int64_t>(running.size());
+  auto is_running = [&](int64_t slot) {
+    const Slot& s = slot_table_[slot];
+    return s.owner != nullptr && s.owner->state == Request::State::kDecoding &&
+           std::binary_search(s.owner->group->running().begin(), s.owner->group->running().end(), s.sequence);
+  };
+  std::vector<int64_t> holes;
+  for (int64_t s = 0; s < n; ++s) {
+    if (!is_running(s)) holes.push_back(s);
+  }
+  size_t next_hole = 0;
+  for (const auto& [request, sequence] : running) {
+    int64_t from = request->slot_of[sequence];
+    if (from < n) continue;
+    int64_t to = holes.at(next_hole++);
+    Slot displaced = slot_table_[to];
+    if (displaced.owner == nullptr) {
+      cache_->Move(from, to, SlotLengths(from));
+    } else {
+      cache_->Swap(from, to, SlotLengths(from), SlotLengths(to));
+      displaced.owner->slot_of[displaced.sequence] = from;
+    }
+    slot_table_[from] = displaced;
+    slot_table_[to] = {request, sequence};
+    request->slot_of[sequence] = to;
+  }
+  running_count_ = n;
+}
+
+void Scheduler::DecodeStep() {
+  Compact();
+  const int64_t n = running_count_;
+  if (n == 0) return;
+  auto started = std::chrono::steady_clock::now();
+  std::vector<int64_t> tokens(n), positions(n);
+  int64_t kv_len = 0;
+  for (int64_t s = 0; s < n; ++s) {
+    const Slot& slot = slot_table_[s];
+    tokens[s] = slot.owner->group->next_token(slot.sequence);
+    positions[s] = slot.owner->group->length(slot.sequence);
+    kv_len = std::max(kv_len, positions[s] + 1);
+  }
+  at::Tensor logits = runtime_->Decode(*cache_, LongOn(tokens, runtime_->spec().device), positions, kv_len);
+  decode_steps_ += 1;
+  Stats::decode_steps += 1;
+  largest_step_rows_ = std::max(largest_step_rows_, n);
+  for (auto& r : std::vector<std::shared_ptr<Request>>(active_)) {
+    if (r->state != Request::State::kDecoding) continue;
+    try {
+      std::vector<int64_t> rows;
+      for (int64_t i : r->group->running()) rows.push_back(r->slot_of[i]);
+      bool contiguous = true;
+      for (size_t k = 1; k < rows.size(); ++k) contiguous = contiguous && rows[k] == rows[k - 1] + 1;
+      at::Tensor mine = contiguous ? logits.narrow(0, rows.front(), static_cast<int64_t>(rows.size()))
+                                   : logits.index_select(0, LongOn(rows, logits.device()));
+      ApplyCopy(*r, r->group->Advance(mine));
+      generated_tokens_ += static_cast<int64_t>(rows.size());
+      r->PostStep();
+      if (r->group->finished()) {
+        Finish(*r, nullptr);
+      } else {
+        ReleaseSlots(*r);
+      }
+    } catch (...) {
+      Finish(*r, std::current_exception());
+    }
+  }
+  double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
+  last_step_ms_ = ms;
+  double rate = ms > 0 ? 1000.0 * static_cast<double>(n) / ms : 0;
+  tokens_per_second_ = tokens_per_second_ == 0 ? rate : 0.8 * tokens_per_second_ + 0.2 * rate;
+}
+
+void Scheduler::Finish(Request& request, std::exception_ptr failure) {
+  if (!request.settled) {
+    if (failure) {
+      request.Settle(failure, {}, {});
+      ++failed_;
+    } else {
+      try {
+        auto [sequences, scores] = request.group->Result();
+        request.Settle(nullptr, sequences, scores);
+        ++completed_;
+      } catch (...) {
+        request.Settle(std::current_exception(), {}, {});
+        ++failed_;
+      }
+    }
+  }
+  request.settled = true;
+  ReleaseSlots(request);
+  active_.erase(std::remove_if(active_.begin(), active_.end(), [&](const auto& r) { return r.get() == &request; }), active_.end());
+  // running_count_ is recomputed by the next Compact.
+}
+
+}  // namespace blip2
