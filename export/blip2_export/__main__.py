@@ -1,4 +1,5 @@
 """CLI: python -m blip2_export <hf-dir> <out-dir> [--dtype float32|float16|bfloat16] [--max-length N]
+                                [--max-encoder-length N]
 
 Exit status 0 on success; 2 with one line `error: ...` on stderr when the input is at fault
 (unsupported architecture, missing/corrupt files, bad options); 1 with a traceback on a bug.
@@ -31,15 +32,21 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
                         help="dtype of parameters, activations and KV cache (default float32)")
     parser.add_argument("--max-length", type=int, default=None,
-                        help="longest sequence a cache slot holds (default: max_position_embeddings)")
+                        help="longest sequence a cache slot holds: OPT image tokens + prompt + new tokens "
+                             "(default: max_position_embeddings); T5 decoder start + new tokens (default 512)")
+    parser.add_argument("--max-encoder-length", type=int, default=None,
+                        help="T5 only: longest encoder input, image tokens + prompt (default 512)")
     args = parser.parse_args(argv)
     if args.max_length is not None and args.max_length < 1:
         parser.error("--max-length must be a positive integer")
+    if args.max_encoder_length is not None and args.max_encoder_length < 1:
+        parser.error("--max-encoder-length must be a positive integer")
 
     from .exporter import export  # imports torch: after argument errors are reported
 
     try:
-        export(args.hf_dir, args.out_dir, dtype=args.dtype, max_length=args.max_length)
+        export(args.hf_dir, args.out_dir, dtype=args.dtype, max_length=args.max_length,
+               max_encoder_length=args.max_encoder_length)
     except ExportError as e:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
         return 2

@@ -2,9 +2,11 @@
 scriptable, with HF parameter names.
 
 `Blip2ForConditionalGeneration` here has exactly the parameters of Hugging Face's class of the same
-name (`vision_model.*`, `query_tokens`, `qformer.*`, `language_projection.*`, `language_model.*`)
-so a checkpoint's state dict loads with `load_state_dict(strict=True)` after `prepare_state_dict`
-(tied lm_head, and the few keys HF itself ignores). `Blip2RetrievalModel` has the parameters of
+name (`vision_model.*`, `query_tokens`, `qformer.*`, `language_projection.*`, `language_model.*`,
+the language model being OPT (modeling_opt.OPTForCausalLM) or Flan-T5 (modeling_t5.
+T5ForConditionalGeneration) as text_config.model_type says) so a checkpoint's state dict loads with
+`load_state_dict(strict=True)` after `prepare_state_dict` (tied lm_head / T5 embeddings, and the few
+keys HF itself ignores). `Blip2RetrievalModel` has the parameters of
 HF's `Blip2ForImageTextRetrieval`, `Blip2TextModelWithProjection` or `Blip2VisionModelWithProjection`
 (`prepare_retrieval_state_dict`). Numerics follow transformers 5.18 (eager and sdpa agree to
 ~1e-6; v4.45.1, which the caption fixtures come from, computes the same):
@@ -47,7 +49,10 @@ from torch import Tensor, nn
 
 from .activations import Activation
 from .errors import ExportError
+from . import modeling_t5
 from .modeling_opt import OPTConfig, OPTForCausalLM, dtype_min
+from .modeling_t5 import T5Config, T5ForConditionalGeneration
+from .weights import require_equal
 
 # --------------------------------------------------------------------------------------- configs
 
@@ -182,15 +187,20 @@ class NoLanguageModel:
         return f"NoLanguageModel({self.architecture!r})"
 
 
+# text_config.model_type values with a language model here (HF's default is "opt").
+LANGUAGE_MODEL_TYPES = ("opt", "t5")
+
+
 def language_model_config(text: Dict[str, Any]) -> Any:
     """The language model's config from config.json's text_config: OPTConfig for OPT (HF's default
-    when model_type is absent). Other model types raise ExportError here (the one place to add
-    them)."""
+    when model_type is absent), modeling_t5.T5Config for T5 / Flan-T5. Other model types raise
+    ExportError naming the field (the one place to add them)."""
     tmt = text.get("model_type", "opt")
+    if tmt == "t5":
+        return T5Config.from_dict(text)
     if tmt != "opt":
-        kind = "T5 (Flan-T5) encoder-decoder" if tmt in ("t5", "mt5", "umt5") else repr(tmt)
-        raise ExportError(f"text_config.model_type is {tmt!r}: {kind} language models are not supported "
-                          f"by this exporter yet; only OPT")
+        raise ExportError(f"text_config.model_type is {tmt!r}: BLIP-2 language models of that type are not "
+                          f"supported (supported: {', '.join(repr(t) for t in LANGUAGE_MODEL_TYPES)})")
     # Blip2Config copies the text config's tie_word_embeddings to the top level; the text config's
     # value is the one the language model honours.
     opt = OPTConfig.from_dict(text)
@@ -206,7 +216,7 @@ def language_model_config(text: Dict[str, Any]) -> Any:
 class Blip2Config:
     vision: VisionConfig
     qformer: QFormerConfig
-    # The language model's config (OPTConfig), or NoLanguageModel for retrieval architectures.
+    # The language model's config (OPTConfig or T5Config), or NoLanguageModel for retrieval architectures.
     text: Any
     num_query_tokens: int = 32
     image_token_index: Optional[int] = None
@@ -218,6 +228,13 @@ class Blip2Config:
     def architecture(self) -> str:
         """config.json's (first) architecture; HF's Blip2Config default is the captioning model."""
         return self.architectures[0] if self.architectures else SUPPORTED_ARCHITECTURES[0]
+
+    @property
+    def language_model_type(self) -> Optional[str]:
+        """"opt" or "t5" (text_config.model_type), None for retrieval architectures."""
+        if self.is_retrieval:
+            return None
+        return "t5" if isinstance(self.text, T5Config) else "opt"
 
     @property
     def is_retrieval(self) -> bool:
@@ -595,12 +612,15 @@ KEEP_IN_FP32_MODULES = ("query_tokens", "qformer")
 
 def to_dtype_like_hf(model: nn.Module, dtype: torch.dtype) -> nn.Module:
     """Casts a Blip2ForConditionalGeneration / Blip2RetrievalModel to `dtype` the way HF's
-    `from_pretrained(dtype=...)` leaves it: for float16, `query_tokens` and `qformer` stay float32
-    (so call this on a float32 model: those keep their float32 values); for any other dtype
-    everything is cast. In place; returns the model."""
+    `from_pretrained(dtype=...)` leaves it: for float16, `query_tokens` and `qformer` stay float32,
+    and a T5 language model's `wo` weights (T5's own `_keep_in_fp32_modules`) (so call this on a
+    float32 model: those keep their float32 values); for any other dtype everything is cast. In
+    place; returns the model."""
     keep = dtype == torch.float16
     for name, child in model.named_children():
-        if not (keep and name in KEEP_IN_FP32_MODULES):
+        if isinstance(child, T5ForConditionalGeneration):
+            modeling_t5.set_dtype(child, dtype)
+        elif not (keep and name in KEEP_IN_FP32_MODULES):
             child.to(dtype)
     for name, param in model.named_parameters(recurse=False):
         if param.is_floating_point() and not (keep and name in KEEP_IN_FP32_MODULES):
@@ -634,7 +654,12 @@ class Blip2ForConditionalGeneration(nn.Module):
         self.query_tokens = nn.Parameter(torch.zeros(1, cfg.num_query_tokens, cfg.qformer.hidden_size))
         self.qformer = Blip2QFormerModel(cfg.qformer)
         self.language_projection = nn.Linear(cfg.qformer.hidden_size, cfg.text.hidden_size)
-        self.language_model = OPTForCausalLM(cfg.text)
+        if isinstance(cfg.text, T5Config):
+            # lm_head is a parameter of its own even when the checkpoint ties it to shared: the
+            # exporter stores tied weights once and binds both names to it.
+            self.language_model: nn.Module = T5ForConditionalGeneration(cfg.text)
+        else:
+            self.language_model = OPTForCausalLM(cfg.text)
 
     def image_features(self, pixel_values: Tensor) -> Tensor:
         """pixels -> language_model_inputs [B,Q,E]."""
@@ -918,6 +943,42 @@ class Blip2RetrievalEncoder(nn.Module):
                                           encoder_attention_mask)
 
 
+# --------------------------------------------------------------- what a model folder can serve
+
+# The user-facing transformers classes, in the order a manifest lists them, with the parts of the
+# weights each needs ("qformer_text_ffn": the Q-Former's `intermediate`/`output`, present with
+# use_qformer_text_input, which HF's text paths call).
+CLASS_PARTS = {
+    "Blip2ForConditionalGeneration": ("vision_model", "query_tokens", "qformer", "language_projection",
+                                      "language_model"),
+    "Blip2Model": ("vision_model", "query_tokens", "qformer", "language_projection", "language_model"),
+    "Blip2ForImageTextRetrieval": ("vision_model", "query_tokens", "embeddings", "qformer", "qformer_text_ffn",
+                                   "vision_projection", "text_projection", "itm_head"),
+    "Blip2TextModelWithProjection": ("embeddings", "qformer", "qformer_text_ffn", "text_projection"),
+    "Blip2VisionModelWithProjection": ("vision_model", "query_tokens", "qformer", "vision_projection"),
+    "Blip2VisionModel": ("vision_model",),
+    "Blip2QFormerModel": ("qformer",),
+}
+
+
+def model_parts(cfg: Blip2Config) -> Tuple[str, ...]:
+    """The parts (CLASS_PARTS' names) the checkpoint of `cfg`'s architecture has."""
+    if not cfg.is_retrieval:
+        return ("vision_model", "query_tokens", "qformer", "language_projection", "language_model")
+    parts = ("query_tokens", "qformer") + RETRIEVAL_PARTS[cfg.architecture]
+    if cfg.qformer.use_qformer_text_input:
+        parts += ("qformer_text_ffn",)
+    return parts
+
+
+def served_classes(cfg: Blip2Config) -> List[str]:
+    """The transformers classes a folder exported from `cfg`'s checkpoint can serve: those whose
+    parts its weights all have (a Blip2ForImageTextRetrieval checkpoint serves both
+    *WithProjection classes, as HF's docs load them from it; none serves a language model class)."""
+    parts = set(model_parts(cfg))
+    return [name for name, need in CLASS_PARTS.items() if set(need) <= parts]
+
+
 # Method contracts in manifest form (export/README.md's `modules.*.methods`), for the exporter.
 # "float" is the model dtype (vision model / projections), "qformer_float" the Q-Former's (float32
 # when it is kept in float32), "float32" always float32.
@@ -950,6 +1011,25 @@ RETRIEVAL_ENCODER_METHODS = {
                    "outputs": ["logits_per_image: float32[M,N]", "logits_per_text: float32[N,M]"]},
     "qformer_forward": IMAGE_ENCODER_METHODS_EXTRA["qformer_forward"],
 }
+# The parts each retrieval.pt method needs (it raises "this retrieval model has no ..." without them):
+# a manifest lists only the methods its checkpoint's parts allow.
+RETRIEVAL_METHOD_PARTS = {
+    "forward": ("vision_model", "embeddings", "qformer_text_ffn", "vision_projection", "text_projection", "itm_head"),
+    "vision_model": ("vision_model",),
+    "image_embeds": ("vision_projection",),
+    "text_embeds": ("embeddings", "qformer_text_ffn", "text_projection"),
+    "itm": ("embeddings", "qformer_text_ffn", "itm_head"),
+    "itm_pairs": ("embeddings", "qformer_text_ffn", "itm_head"),
+    "itc": ("embeddings", "qformer_text_ffn", "vision_projection", "text_projection"),
+    "itc_logits": (),
+    "qformer_forward": (),
+}
+
+
+def retrieval_methods(cfg: Blip2Config) -> Dict[str, Any]:
+    """RETRIEVAL_ENCODER_METHODS restricted to what the checkpoint's parts allow."""
+    parts = set(model_parts(cfg))
+    return {name: m for name, m in RETRIEVAL_ENCODER_METHODS.items() if set(RETRIEVAL_METHOD_PARTS[name]) <= parts}
 
 
 # ------------------------------------------------------------------------------ state dict rules
@@ -991,8 +1071,13 @@ def prepare_state_dict(cfg: Blip2Config, sd: Dict[str, Tensor], expected_keys) -
       1. drop the keys HF ignores (IGNORED_KEY_PATTERNS);
       2. fuse pre-4.45 `self_attn.q_bias`/`v_bias` into `qkv.bias` = [q_bias, 0, v_bias] (what HF's
          own conversion does);
-      3. tie `language_model.lm_head.weight` to embed_tokens when tie_word_embeddings (a duplicate
-         head in the checkpoint must then equal embed_tokens).
+      3. OPT: tie `language_model.lm_head.weight` to embed_tokens when tie_word_embeddings (a
+         duplicate head in the checkpoint must then equal embed_tokens);
+         T5: modeling_t5.prepare_state_dict under `language_model.` (shared / encoder / decoder
+         embeddings are one tensor, a missing lm_head is shared, the unused cross-attention bias
+         is dropped).
+    Works on meta tensors too (the exporter plans on file headers): value checks of duplicates are
+    weights.require_equal's.
     """
     expected = set(expected_keys)
     out: Dict[str, Tensor] = {}
@@ -1006,13 +1091,16 @@ def prepare_state_dict(cfg: Blip2Config, sd: Dict[str, Tensor], expected_keys) -
 
     _fuse_vision_qv_bias(cfg, out)
 
-    head, emb = "language_model.lm_head.weight", "language_model.model.decoder.embed_tokens.weight"
-    if cfg.text.tie_word_embeddings:
-        if head in out and emb in out and not torch.equal(out[head], out[emb]):
-            raise ExportError(f"{head} differs from {emb} but text_config.tie_word_embeddings is true; "
-                              f"set it to false in config.json to use the separate head")
-        if emb in out:
-            out[head] = out[emb]
+    if isinstance(cfg.text, T5Config):
+        _prepare_t5(out)
+    else:
+        head, emb = "language_model.lm_head.weight", "language_model.model.decoder.embed_tokens.weight"
+        if cfg.text.tie_word_embeddings:
+            if head in out and emb in out:
+                require_equal(out[head], out[emb], f"{head} differs from {emb} but text_config.tie_word_embeddings "
+                                                   f"is true; set it to false in config.json to use the separate head")
+            if emb in out:
+                out[head] = out[emb]
 
     missing = sorted(expected - out.keys())
     unexpected = sorted(out.keys() - expected)
@@ -1026,6 +1114,20 @@ def prepare_state_dict(cfg: Blip2Config, sd: Dict[str, Tensor], expected_keys) -
                          + (" ..." if len(unexpected) > 30 else ""))
         raise ExportError("checkpoint does not match config.json: " + "; ".join(lines))
     return out
+
+
+LM_PREFIX = "language_model."
+
+
+def _prepare_t5(out: Dict[str, Tensor]) -> None:
+    """T5's key rules on the `language_model.` keys of `out`, in place. Without any embedding key
+    the rules are skipped, so the missing/unexpected listing names what is wrong."""
+    lm_keys = [k for k in out if k.startswith(LM_PREFIX)]
+    lm = {k[len(LM_PREFIX):]: out.pop(k) for k in lm_keys}
+    if any(k in lm for k in ("shared.weight", "encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+                             "lm_head.weight")):
+        lm = modeling_t5.prepare_state_dict(lm, LM_PREFIX)
+    out.update({LM_PREFIX + k: v for k, v in lm.items()})
 
 
 def prepare_retrieval_state_dict(cfg: Blip2Config, sd: Dict[str, Tensor], expected_keys,

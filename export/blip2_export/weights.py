@@ -7,14 +7,17 @@ it is a plain copy of. Only the few derived ones (fused q/v biases) need the rul
 data. The shards are then written one at a time: the tensors of one shard are read (only their
 files opened), converted to their output dtype and saved, so an export holds about one shard
 (`SHARD_BYTES`) plus what the checkpoint reader maps, not the whole model. Tied parameters are
-stored once: `aliases` maps the other names to the stored one.
+stored once: `aliases` maps the other names to the stored one. A checkpoint that stores a tied
+weight again must hold the same values: the rules ask `require_equal`, which on meta tensors is
+recorded and run on the data once the plan is made (two tensors read at a time).
 """
 
+import contextlib
 import hashlib
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Pattern, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Pattern, Sequence, Tuple
 
 import torch
 
@@ -31,6 +34,41 @@ KEEP_FLOAT32: Sequence[Pattern[str]] = (
     re.compile(r"^qformer\."),
     re.compile(r"\.wo\.(weight|bias)$"),
 )
+
+
+# Value checks the state-dict rules ask for while plan() runs them on meta tensors (see require_equal).
+_deferred: Optional[List[Tuple[torch.Tensor, torch.Tensor, str]]] = None
+
+
+@contextlib.contextmanager
+def _deferring() -> Iterator[List[Tuple[torch.Tensor, torch.Tensor, str]]]:
+    global _deferred
+    saved, _deferred = _deferred, []
+    try:
+        yield _deferred
+    finally:
+        _deferred = saved
+
+
+def _same_values(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and tuple(a.shape) == tuple(b.shape) and torch.equal(a, b)
+
+
+def require_equal(a: torch.Tensor, b: torch.Tensor, message: str) -> None:
+    """For the state-dict rules: raises ExportError(message) unless `a` and `b` hold the same values
+    (a checkpoint's duplicate of a tied weight). Meta tensors have no values: while plan() runs the
+    rules on the file headers the check is recorded and run on the checkpoint's data afterwards;
+    elsewhere only the shapes are compared."""
+    if a is b:
+        return
+    if a.is_meta or b.is_meta:
+        if tuple(a.shape) != tuple(b.shape):
+            raise ExportError(message)
+        if _deferred is not None:
+            _deferred.append((a, b, message))
+        return
+    if not _same_values(a, b):
+        raise ExportError(message)
 
 
 def keeps_float32(key: str) -> bool:
@@ -63,8 +101,18 @@ class WeightPlan:
 
 def plan(reader: CheckpointReader, prepare: Callable[[Dict[str, torch.Tensor]], Dict[str, torch.Tensor]]) -> WeightPlan:
     meta_sd = reader.meta_state_dict()
-    prepared = prepare(meta_sd)
+    with _deferring() as checks:
+        prepared = prepare(meta_sd)
     source_of = {id(t): k for k, t in meta_sd.items()}
+    for a, b, message in checks:
+        # Duplicates of tied weights: compared on the data, one pair at a time.
+        ka, kb = source_of.get(id(a)), source_of.get(id(b))
+        if ka is None or kb is None:
+            raise ExportError(f"internal: a value check of the state-dict rules is on a derived tensor ({message})")
+        data = reader.read([ka, kb])
+        if not _same_values(data[ka], data[kb]):
+            raise ExportError(message)
+        del data
     copies = {k: source_of[id(t)] for k, t in prepared.items() if id(t) in source_of}
     derived_keys = [k for k in prepared if k not in copies]
     derived: Dict[str, torch.Tensor] = {}
@@ -73,7 +121,8 @@ def plan(reader: CheckpointReader, prepare: Callable[[Dict[str, torch.Tensor]], 
         unused = [k for k in meta_sd if k not in set(copies.values())]
         real = dict(meta_sd)
         real.update(reader.read(unused))
-        again = prepare(real)
+        with _deferring():  # value checks ran above
+            again = prepare(real)
         for k in derived_keys:
             if again[k].is_meta:
                 raise ExportError(f"internal: weight {k} could not be computed from the checkpoint")

@@ -59,9 +59,12 @@ class CommandLine(unittest.TestCase):
         self.assertEqual(m["special_tokens"], {"bos_token_id": 2, "eos_token_id": [2], "pad_token_id": 1,
                                                "decoder_start_token_id": None})
         self.assertEqual(m["language_model"], {"num_layers": 2, "num_heads": 4, "head_dim": 12, "hidden_size": 48,
-                                               "embed_dim": 48, "max_position_embeddings": 128})
+                                               "embed_dim": 48, "max_position_embeddings": 128, "vocab_size": 392})
         self.assertEqual(m["vision"], {"hidden_size": 48, "num_layers": 2, "patch_size": 14, "num_positions": 17})
-        self.assertEqual(m["qformer"], {"hidden_size": 32, "num_layers": 2})
+        self.assertEqual(m["qformer"], {"hidden_size": 32, "num_layers": 2, "encoder_hidden_size": 48})
+        self.assertEqual(m["checkpoint_class"], "Blip2ForConditionalGeneration")
+        self.assertEqual(m["classes"], ["Blip2ForConditionalGeneration", "Blip2Model", "Blip2VisionModel",
+                                        "Blip2QFormerModel"])
         self.assertEqual(list(m)[:3], ["format", "format_version", "architecture"])
 
         modules = m["modules"]
@@ -92,8 +95,10 @@ class CommandLine(unittest.TestCase):
         self.assertNotIn("language_model.lm_head.weight", stored)
         for entry in modules.values():
             self.assertEqual(set(entry["parameters"].values()) - stored, set())
-        self.assertEqual(sorted(IMAGE_ENCODER_METHODS), ["forward", "language_projection", "qformer", "vision_model"])
-        self.assertEqual(sorted(LANGUAGE_MODEL_METHODS), ["decode", "embed_tokens", "forward_cached", "forward_full"])
+        self.assertEqual(sorted(IMAGE_ENCODER_METHODS), ["forward", "language_projection", "qformer", "qformer_forward",
+                                                         "vision_model"])
+        self.assertEqual(sorted(LANGUAGE_MODEL_METHODS), ["decode", "embed_tokens", "forward_cached", "forward_full",
+                                                          "text_hidden_states"])
 
         for name in SIDE_FILES:
             src = os.path.join(_util.CHECKPOINT, name)
@@ -116,11 +121,11 @@ class CommandLine(unittest.TestCase):
                 json.dump(c, f)
             return d
 
-        t5 = variant("t5", lambda c: c["text_config"].update(model_type="t5"))
+        llama = variant("llama", lambda c: c["text_config"].update(model_type="llama"))
         itm = variant("itm", lambda c: c.update(architectures=["Blip2ForImageTextRetrieval"]))
         out = os.path.join(root, "out")
         cases = [
-            ((t5, out), "T5"),
+            ((llama, out), "text_config.model_type is 'llama'"),
             ((itm, out), "Blip2ForImageTextRetrieval"),
             ((_util.CHECKPOINT, out, "--max-length", "129"), "max_position_embeddings"),
             ((_util.CHECKPOINT, out, "--max-length", "6"), "image tokens"),

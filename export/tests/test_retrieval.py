@@ -615,10 +615,10 @@ class RetrievalConfigAndStateDict(unittest.TestCase):
         cfg = Blip2Config.from_dict(config)
         self.assertFalse(cfg.is_retrieval)
         self.assertEqual(cfg.text.vocab_size, config["text_config"]["vocab_size"])
-        t5 = json.loads(json.dumps(config))
-        t5["text_config"]["model_type"] = "t5"
-        with self.assertRaisesRegex(ExportError, "T5"):
-            Blip2Config.from_dict(t5)
+        other = json.loads(json.dumps(config))
+        other["text_config"]["model_type"] = "llama"
+        with self.assertRaisesRegex(ExportError, "text_config.model_type"):
+            Blip2Config.from_dict(other)
         mixed = dict(config, architectures=["Blip2ForConditionalGeneration", "Blip2ForImageTextRetrieval"])
         with self.assertRaisesRegex(ExportError, "both"):
             Blip2Config.from_dict(mixed)
