@@ -40,7 +40,7 @@ import re
 import shutil
 import sys
 from collections import Counter
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
@@ -398,8 +398,8 @@ def _caption_reference(ref: _Reference, meta: Dict[str, Any], kind: str, out_dir
     meta["prompts"] = PROMPTS
 
 
-def _retrieval_reference(ref: _Reference, meta: Dict[str, Any], kind: str, out_dir: str, processor, images,
-                         q: int) -> None:
+def _retrieval_reference(ref: _Reference, meta: Dict[str, Any], kind: str, out_dir: str, processor,
+                         images) -> None:
     text_only = {side: _tokenize(processor, side, TEXTS) for side in ("right", "left")}
     pixel_values = processor.image_processor(images=images, return_tensors="pt")["pixel_values"]
     meta["texts"] = TEXTS
@@ -455,7 +455,8 @@ def write_reference(out_dir: str, kind: str, preset_name: str, seed: int, proces
     from safetensors.torch import save_file
 
     preset = PRESETS[preset_name]
-    config = json.load(open(os.path.join(out_dir, "config.json"), encoding="utf-8"))
+    with open(os.path.join(out_dir, "config.json"), encoding="utf-8") as f:
+        config = json.load(f)
     images = _images(preset, seed + 3)
     ref = _Reference()
     meta: Dict[str, Any] = {
@@ -465,14 +466,19 @@ def write_reference(out_dir: str, kind: str, preset_name: str, seed: int, proces
                          "torch.no_grad(), CPU",
         "num_query_tokens": config["num_query_tokens"], "image_token_index": config.get("image_token_index"),
     }
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)  # the same reduction order on every machine
-    if kind in ("opt", "t5"):
-        gen = json.load(open(os.path.join(out_dir, "generation_config.json"), encoding="utf-8"))
-        meta["special_tokens"] = {k: gen.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id",
-                                                          "decoder_start_token_id")}
-        _caption_reference(ref, meta, kind, out_dir, processor, images, preset, seed)
-    else:
-        _retrieval_reference(ref, meta, kind, out_dir, processor, images, config["num_query_tokens"])
+    try:
+        if kind in ("opt", "t5"):
+            with open(os.path.join(out_dir, "generation_config.json"), encoding="utf-8") as f:
+                gen = json.load(f)
+            meta["special_tokens"] = {k: gen.get(k) for k in ("bos_token_id", "eos_token_id", "pad_token_id",
+                                                              "decoder_start_token_id")}
+            _caption_reference(ref, meta, kind, out_dir, processor, images, preset, seed)
+        else:
+            _retrieval_reference(ref, meta, kind, out_dir, processor, images)
+    finally:
+        torch.set_num_threads(threads)
     names = sorted(ref.tensors)
     meta["tensors"] = {n: {"shape": list(ref.tensors[n].shape), "dtype": str(ref.tensors[n].dtype)[6:],
                            "what": ref.notes[n]} for n in names}
