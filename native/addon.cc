@@ -99,6 +99,16 @@ Napi::Value GetNumThreads(const Napi::CallbackInfo& info) {
       [](Napi::Env env, int& result) -> Napi::Value { return Napi::Number::New(env, result); });
 }
 
+// The main thread's process 'exit' event (lib registers it): every channel stops posting and every
+// executor finishes its current step and parks, BEFORE exit() runs any static destructor. (An
+// atexit handler alone is not enough: libraries that create their statics lazily, oneDNN's
+// primitive cache among them, register destructors that run before it.)
+Napi::Value ShutdownForExit(const Napi::CallbackInfo& info) {
+  JsChannel::CloseAllForExit();
+  Executor::ShutdownAll(30000);
+  return info.Env().Undefined();
+}
+
 // Tests only: one product through blip2::linear's kernel or at::linear, to compare the two.
 Napi::Value LinearForTesting(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
@@ -152,6 +162,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("stats", Napi::Function::New(env, GetStats, "stats"));
   exports.Set("setNumThreads", Napi::Function::New(env, SetNumThreads, "setNumThreads"));
   exports.Set("getNumThreads", Napi::Function::New(env, GetNumThreads, "getNumThreads"));
+  exports.Set("shutdownForExit", Napi::Function::New(env, ShutdownForExit, "shutdownForExit"));
   exports.Set("linearForTesting", Napi::Function::New(env, LinearForTesting, "linearForTesting"));
   exports.Set("preprocessImages", Napi::Function::New(env, image::PreprocessImages, "preprocessImages"));
   return exports;

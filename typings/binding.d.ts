@@ -265,6 +265,8 @@ export interface NativeBinding {
   versions(): NativeVersions;
   stats(): NativeStats;
   setNumThreads(threads: number): Promise<number>;
+  /** Process exit (main thread): stops every executor after its current step, before static destructors run. */
+  shutdownForExit(): void;
   /** Tests only: x·weightᵀ + bias through blip2::linear's CPU kernel (`kernel` true) or at::linear. */
   linearForTesting(x: NativeTensor, weight: NativeTensor, bias: NativeTensor | null, kernel: boolean): Promise<NativeTensor>;
   getNumThreads(): Promise<number>;

@@ -1,6 +1,7 @@
 // Loads the addon (a local build/Release first, then prebuilds/) and connects its errors to ours.
 import * as fs from 'node:fs';
 import * as path from 'node:path';
+import { isMainThread } from 'node:worker_threads';
 
 import type { NativeBinding } from '../../typings/binding';
 import { errorFromNative } from '../errors';
@@ -39,6 +40,10 @@ function load(): NativeBinding {
     );
   }
   binding.setErrorFactory(errorFromNative);
+  // process.exit(), an uncaught exception and the natural end all emit 'exit' before the C
+  // runtime's exit handlers: park the executor threads there, while libtorch is still whole.
+  // (A worker's own environment is closed by the addon's cleanup hook instead.)
+  if (isMainThread) process.once('exit', () => binding.shutdownForExit());
   return binding;
 }
 

@@ -30,7 +30,8 @@ class Request {
 
   // Settles the promise: the result (error null) or the error. Executor thread; once.
   void Settle(std::exception_ptr error, at::Tensor sequences, at::Tensor scores) {
-    if (settled) return;
+    if (posted) return;
+    posted = true;
     settled = true;
     Napi::Promise::Deferred d = deferred;
     auto ch = channel;
@@ -96,7 +97,8 @@ class Request {
   std::shared_ptr<JsChannel> channel;
   Napi::Promise::Deferred deferred;
   napi_ref on_step_ref = nullptr;
-  bool settled = false;
+  bool settled = false;  // decided: no more work for this call
+  bool posted = false;   // its promise's settlement is on its way to JS
 
   enum class State { kQueued, kPrefilling, kDecoding } state = State::kQueued;
   std::unique_ptr<SequenceGroup> group;
@@ -645,25 +647,37 @@ void Scheduler::DecodeStep() {
 }
 
 void Scheduler::Finish(Request& request, std::exception_ptr failure) {
-  if (!request.settled) {
-    if (failure) {
-      request.Settle(failure, {}, {});
-      ++failed_;
-    } else {
-      try {
-        auto [sequences, scores] = request.group->Result();
-        request.Settle(nullptr, sequences, scores);
-        ++completed_;
-      } catch (...) {
-        request.Settle(std::current_exception(), {}, {});
-        ++failed_;
-      }
+  std::pair<at::Tensor, at::Tensor> result;
+  if (!request.settled && !failure) {
+    try {
+      result = request.group->Result();
+    } catch (...) {
+      failure = std::current_exception();
     }
   }
+  // Slots and figures first: whoever sees the promise settle sees the call gone from stats().
+  bool settle = !request.settled;
   request.settled = true;
   ReleaseSlots(request);
+  std::shared_ptr<Request> keep;
+  for (auto& r : active_) {
+    if (r.get() == &request) keep = r;
+  }
   active_.erase(std::remove_if(active_.begin(), active_.end(), [&](const auto& r) { return r.get() == &request; }), active_.end());
-  // running_count_ is recomputed by the next Compact.
+  if (settle) {
+    if (failure) {
+      ++failed_;
+    } else {
+      ++completed_;
+    }
+  }
+  int64_t running = 0;
+  for (auto& r : active_) {
+    if (r->state == Request::State::kDecoding) running += static_cast<int64_t>(r->group->running().size());
+  }
+  running_count_ = std::min(running_count_, running);
+  PublishStats();
+  if (settle) request.Settle(failure, result.first, result.second);
 }
 
 }  // namespace blip2

@@ -260,9 +260,12 @@ export class Blip2ForConditionalGeneration {
     let wake: (() => void) | undefined;
     let done = false;
     let failure: unknown;
+    const userSignal = options.signal;
     const call = this.generate(inputs, {
       ...options,
       signal,
+      // Leaving the loop waits for the scheduler to have stopped the call and freed its slots.
+      stopOnAbortSignal: true,
       onToken: (delta) => {
         pending.push(delta);
         wake?.();
@@ -278,7 +281,9 @@ export class Blip2ForConditionalGeneration {
         await new Promise<void>((resolve) => { wake = resolve; });
         wake = undefined;
       }
-      if (failure !== undefined && !(failure instanceof AbortError && controller.signal.aborted)) throw failure;
+      if (failure !== undefined) throw failure;
+      // The caller's signal (not our break) ended it: as generate() would, reject.
+      if (userSignal?.aborted && !options.stopOnAbortSignal) throw new AbortError('The operation was aborted', { cause: userSignal.reason });
     } finally {
       if (!done) {
         controller.abort();  // the consumer left early: stop decoding, free the slots

@@ -1,0 +1,237 @@
+import { strict as assert } from 'node:assert';
+
+import {
+  AbortError, Blip2ForConditionalGeneration, DisposedError, InvalidArgumentError, PreTrainedTokenizer, QueueFullError, Tensor, stats,
+} from '../lib';
+import type { GenerateOptions } from '../lib';
+import { expected, fixtureFloats, ids, rowsOf } from './support/fixtures';
+import { tinyOptModel } from './support/python';
+
+const IMAGES = ['gradient', 'noise', 'shapes'];
+const Q = 6;
+const IMAGE_TOKEN = 380;
+const BOS = 2;
+
+/** One image's pixel values as a [1,3,56,56] tensor. */
+function pixels(image: string): Tensor {
+  return Tensor.from(fixtureFloats(`pixel_values/${image}`), [1, 3, 56, 56]);
+}
+
+/** Prompt ids: the image placeholders, BOS, then `text` ids (any in-vocabulary ids). */
+function prompt(text: number[]): number[] {
+  return [...Array(Q).fill(IMAGE_TOKEN), BOS, ...text];
+}
+
+interface Job {
+  image: string;
+  text: number[];
+  options: GenerateOptions;
+}
+
+async function runJob(model: Blip2ForConditionalGeneration, job: Job): Promise<number[][]> {
+  const out = await model.generate({ pixelValues: pixels(job.image), inputIds: ids([prompt(job.text)]) }, job.options);
+  return rowsOf(out);
+}
+
+/** Deterministic pseudo-random jobs: prompt lengths, new tokens, greedy / seeded sampling / beams / penalties. */
+function jobs(count: number, seed: number): Job[] {
+  let state = seed;
+  const next = (n: number) => {
+    state = (Math.imul(state, 1103515245) + 12345) >>> 0;
+    return state % n;
+  };
+  return Array.from({ length: count }, () => {
+    const kind = next(4);
+    const options: GenerateOptions = { maxNewTokens: 1 + next(12), eosTokenId: next(3) === 0 ? [] : undefined };
+    if (kind === 1) Object.assign(options, { doSample: true, seed: next(1000), topK: 20 });
+    if (kind === 2) Object.assign(options, { numBeams: 2 + next(2) });
+    if (kind === 3) Object.assign(options, { repetitionPenalty: 1.3, minNewTokens: 2 });
+    return { image: IMAGES[next(3)], text: Array.from({ length: next(9) }, () => 4 + next(370)), options };
+  });
+}
+
+describe('serving: continuous batching on one scheduler per model', function () {
+  this.timeout(600_000);
+  let model: Blip2ForConditionalGeneration;
+  before(async () => {
+    model = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 8 });
+  });
+  after(() => model.dispose());
+
+  it('concurrent calls give exactly what each gives alone (greedy, seeded sampling, beams, penalties; mixed lengths join and leave)', async () => {
+    const list = jobs(40, 7);
+    const alone: number[][][] = [];
+    for (const job of list) alone.push(await runJob(model, job));
+    const before = model.stats();
+    const together = await Promise.all(list.map((job) => runJob(model, job)));
+    const after = model.stats();
+    for (let i = 0; i < list.length; i++) assert.deepEqual(together[i], alone[i], `job ${i} ${JSON.stringify(list[i].options)}`);
+    // They really ran together: steps carried several calls' sequences, in fewer steps than alone.
+    assert.ok(after.largestStepRows > 4, `largest step ${after.largestStepRows} rows`);
+    assert.ok(after.completedCalls - before.completedCalls === list.length);
+    assert.equal(after.slotsInUse, 0);
+    assert.equal(after.queued, 0);
+  });
+
+  it('matches transformers 4.45.1 while batched with other calls (fixture generations)', async () => {
+    const gens = expected().generations.filter((g) => !g.kwargs.num_beams || g.kwargs.num_beams === 1 || g.kwargs.num_beams === 3);
+    const results = await Promise.all(gens.map((g) => model.generate({ pixelValues: pixels(g.image), inputIds: ids(g.input_ids) }, {
+      maxNewTokens: g.kwargs.max_new_tokens as number, minNewTokens: g.kwargs.min_new_tokens as number | undefined,
+      numBeams: g.kwargs.num_beams as number | undefined, earlyStopping: g.kwargs.early_stopping as boolean | undefined,
+    }).then(rowsOf)));
+    gens.forEach((g, i) => {
+      // transformers 4.45 returned [bos, new ids]; we return the input ids, then the new ids.
+      assert.deepEqual(results[i][0].slice(g.input_ids[0].length), g.sequences[0].slice(1), g.name);
+    });
+  });
+
+  it('an aborted queued call rejects at once and never runs; a running one stops within a step; its slots are freed', async () => {
+    const small = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 1 });
+    const long = { maxNewTokens: 100, eosTokenId: [] as number[] };
+    const running = small.generate({ pixelValues: pixels('noise') }, long);
+    const controller = new AbortController();
+    const queued = small.generate({ pixelValues: pixels('gradient') }, { ...long, signal: controller.signal });
+    controller.abort();
+    await assert.rejects(queued, AbortError);
+    const runningController = new AbortController();
+    let secondSteps = 0;
+    const second = small.generate({ pixelValues: pixels('shapes') }, {
+      ...long, signal: runningController.signal,
+      onStep: () => {
+        if (++secondSteps === 3) runningController.abort();
+      },
+    });
+    const third = small.generate({ pixelValues: pixels('gradient') }, { maxNewTokens: 3 });
+    await running;
+    await assert.rejects(second, AbortError);
+    // The scheduler checks the signal every cycle: the steps already run when the abort reached it
+    // may still report (their events were on the way), then nothing more.
+    await new Promise((r) => setTimeout(r, 50));
+    const reported = secondSteps;
+    await new Promise((r) => setTimeout(r, 50));
+    assert.equal(secondSteps, reported, 'no steps after the abort took effect');
+    assert.ok(secondSteps >= 3 && secondSteps < 50, `${secondSteps} steps of 100`);
+    assert.deepEqual((await third).shape, [1, 7 + 3], 'the next call still runs');
+    assert.equal(small.stats().slotsInUse, 0);
+    await small.dispose();
+  });
+
+  it('stopOnAbortSignal resolves with the tokens so far instead of rejecting', async () => {
+    const controller = new AbortController();
+    let seen = 0;
+    const out = await model.generate({ pixelValues: pixels('noise') }, {
+      maxNewTokens: 60, eosTokenId: [], stopOnAbortSignal: true, signal: controller.signal,
+      onStep: () => {
+        if (++seen === 5) controller.abort();
+      },
+    });
+    const [row] = await rowsOf(out);
+    const newTokens = row.length - (Q + 1);
+    assert.ok(newTokens >= 5 && newTokens < 60, `${newTokens} new tokens`);
+    // The partial result is the same prefix the full generation makes.
+    const [full] = await rowsOf(await model.generate({ pixelValues: pixels('noise') }, { maxNewTokens: 60, eosTokenId: [] }));
+    assert.deepEqual(row, full.slice(0, row.length));
+    // Aborted while still queued: the input ids alone.
+    const early = new AbortController();
+    early.abort();
+    const none = await model.generate({ pixelValues: pixels('noise') }, { maxNewTokens: 5, stopOnAbortSignal: true, signal: early.signal });
+    assert.deepEqual((await rowsOf(none))[0], prompt([]));
+  });
+
+  it('back-pressure: beyond maxQueue a call rejects at once with QueueFullError; calls needing more slots than exist are refused', async () => {
+    const small = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 1, maxQueue: 2 });
+    const long = { maxNewTokens: 30, eosTokenId: [] as number[] };
+    const admitted = [small.generate({ pixelValues: pixels('noise') }, long)];
+    // Let the first one be admitted, so that exactly two wait.
+    while (small.stats().runningCalls === 0) await new Promise((r) => setImmediate(r));
+    admitted.push(small.generate({ pixelValues: pixels('noise') }, long), small.generate({ pixelValues: pixels('noise') }, long));
+    const started = performance.now();
+    await assert.rejects(small.generate({ pixelValues: pixels('noise') }, long), (e: unknown) => {
+      assert.ok(e instanceof QueueFullError, String(e));
+      assert.equal(e.code, 'ERR_BLIP2_QUEUE_FULL');
+      assert.match(e.message, /queue is full \(2 calls waiting, maxQueue 2\)/);
+      return true;
+    });
+    assert.ok(performance.now() - started < 50, 'rejected without waiting');
+    await assert.rejects(small.generate({ pixelValues: pixels('noise') }, { numBeams: 2, maxNewTokens: 2 }),
+      (e: unknown) => e instanceof InvalidArgumentError && /at most 1 sequences per call/.test(e.message));
+    for (const p of admitted) assert.deepEqual((await p).shape, [1, 7 + 30]);
+    await small.dispose();
+  });
+
+  it('dispose under load: queued and running calls reject with DisposedError, the cache is freed, then dispose resolves', async () => {
+    const m = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 2 });
+    const bytes = m.stats().kvCacheBytes;
+    assert.ok(bytes > 0);
+    const before = stats().kvCacheBytes;
+    const calls = Array.from({ length: 10 }, () => m.generate({ pixelValues: pixels('shapes') }, { maxNewTokens: 50, eosTokenId: [] }));
+    const outcomes = Promise.allSettled(calls);
+    while (m.stats().runningSequences === 0) await new Promise((r) => setImmediate(r));
+    await m.dispose();
+    for (const o of await outcomes) {
+      assert.equal(o.status, 'rejected');
+      assert.ok((o as PromiseRejectedResult).reason instanceof DisposedError, String((o as PromiseRejectedResult).reason));
+    }
+    assert.equal(stats().kvCacheBytes, before - bytes, 'the KV cache is freed by the time dispose() resolves');
+    await assert.rejects(m.generate({ pixelValues: pixels('shapes') }), DisposedError);
+    assert.equal(m.device, 'cpu', 'device is still known after dispose');
+    await m.dispose();  // idempotent
+  });
+
+  it('500 mixed concurrent calls all resolve with their alone results', async () => {
+    const list = jobs(500, 99);
+    const keyOf = (j: Job) => JSON.stringify(j);
+    const unique = new Map<string, Job>();
+    for (const j of list) unique.set(keyOf(j), j);
+    const alone = new Map<string, number[][]>();
+    for (const [k, j] of unique) alone.set(k, await runJob(model, j));
+    const live = stats().liveTensors;
+    const results = await Promise.all(list.map((j) => runJob(model, j)));
+    results.forEach((r, i) => assert.deepEqual(r, alone.get(keyOf(list[i])), `call ${i}`));
+    assert.equal(model.stats().slotsInUse, 0);
+    if (global.gc) global.gc();
+    await new Promise((r) => setTimeout(r, 50));
+    assert.ok(stats().liveTensors <= live + 2, `live tensors ${stats().liveTensors} vs ${live}`);
+  });
+
+  it('generateStream yields UTF-8-safe text deltas that add up to the decoded tokens; break cancels and frees the slots', async () => {
+    const tokenizer = PreTrainedTokenizer.fromPretrained(tinyOptModel());
+    const deltas: string[] = [];
+    const tokenIds: number[] = [];
+    for await (const delta of model.generateStream({ pixelValues: pixels('gradient') }, { maxNewTokens: 12 })) {
+      assert.equal(delta.sequence, 0);
+      tokenIds.push(...delta.tokenIds);
+      deltas.push(delta.text);
+    }
+    const [row] = await rowsOf(await model.generate({ pixelValues: pixels('gradient') }, { maxNewTokens: 12 }));
+    assert.deepEqual(tokenIds, row.slice(Q + 1));
+    assert.equal(deltas.join(''), tokenizer.decode(tokenIds, { skipSpecialTokens: true }));
+    // Random byte-level tokens split characters: no delta may end inside one.
+    for (const d of deltas) assert.ok(!d.endsWith('\uFFFD') || d === deltas[deltas.length - 1]);
+
+    let count = 0;
+    for await (const delta of model.generateStream({ pixelValues: pixels('noise') }, { maxNewTokens: 100, eosTokenId: [] })) {
+      void delta;
+      if (++count === 3) break;
+    }
+    assert.equal(model.stats().slotsInUse, 0, 'break freed the slot');
+    await assert.rejects(async () => {
+      for await (const d of model.generateStream({ pixelValues: pixels('noise') }, { numBeams: 2 })) void d;
+    }, (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'onToken');
+  });
+
+  it('onToken sees every sequence\'s tokens and text; a throwing onToken rejects the call with its error', async () => {
+    const two = Tensor.from(Float32Array.from([...fixtureFloats('pixel_values/gradient'), ...fixtureFloats('pixel_values/noise')]), [2, 3, 56, 56]);
+    const seen = new Map<number, number[]>();
+    const out = await model.generate({ pixelValues: two }, {
+      maxNewTokens: 6, eosTokenId: [],
+      onToken: (d) => seen.set(d.sequence, [...(seen.get(d.sequence) ?? []), ...d.tokenIds]),
+    });
+    const rows = await rowsOf(out);
+    assert.deepEqual(seen.get(0), rows[0].slice(Q + 1));
+    assert.deepEqual(seen.get(1), rows[1].slice(Q + 1));
+    const boom = new Error('boom');
+    await assert.rejects(model.generate({ pixelValues: pixels('noise') }, { maxNewTokens: 50, onToken: () => { throw boom; } }), (e) => e === boom);
+    assert.equal(model.stats().slotsInUse, 0);
+  });
+});
