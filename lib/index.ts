@@ -10,13 +10,17 @@ export type { Versions } from './runtime/device';
 export { stats } from './runtime/stats';
 export type { RuntimeStats } from './runtime/stats';
 export { Blip2ForConditionalGeneration } from './models/blip2/modeling-blip2';
-export type { Blip2Inputs, FromPretrainedOptions, GenerateOutput } from './models/blip2/modeling-blip2';
+export type { Blip2Inputs, FromPretrainedOptions, GenerateOutput, ModelStats } from './models/blip2/modeling-blip2';
+export type { TokenDelta } from './generation/streaming';
 export type { Blip2Config, GenerationConfig } from './models/blip2/configuration';
 export type { GenerateOptions, GenerationStep } from './generation/options';
 export { readModelFolder } from './models/model-folder';
 export type { Manifest, ModelFolder } from './models/model-folder';
-export { Blip2Processor, BlipImageProcessor, PreTrainedTokenizer, IMAGE_TOKEN, decodeImage } from './processing';
+export {
+  Blip2Processor, BlipImageProcessor, PreTrainedTokenizer, IMAGE_TOKEN, decodeImage, TEXT_LIMITS, DEFAULT_MAX_PIXELS, DEFAULT_MAX_TOTAL_PIXELS,
+  MAX_CONCURRENT_DECODES,
+} from './processing';
 export type {
   Blip2ProcessorOutput, ProcessOptions, BlipImageProcessorConfig, PixelDType, PreprocessOptions, BatchEncoding, DecodeOptions,
-  PaddingStrategy, TruncationStrategy, TokenizeOptions, TokenIds, DecodedImage, ImageInput, RawImage,
+  PaddingStrategy, TruncationStrategy, TokenizeOptions, TokenizerOptions, TokenIds, DecodedImage, ImageInput, RawImage,
 } from './processing';

@@ -1,4 +1,5 @@
 import { strict as assert } from 'node:assert';
+import * as os from 'node:os';
 
 import {
   DTypeError,
@@ -9,7 +10,9 @@ import {
   Tensor,
   cudaAvailable,
   devices,
+  getNumThreads,
   liveTensorCount,
+  setNumThreads,
   stats,
   versions,
 } from '../lib';
@@ -144,6 +147,63 @@ describe('Tensor', () => {
       assert.throws(() => Tensor.from(new DataView(new ArrayBuffer(4)) as never), InvalidArgumentError);
     });
 
+    it('values an integer dtype cannot hold: a DTypeError naming the item and its value (no wrapping), then Tensor.from works on', async () => {
+      const rejects = (make: () => unknown, index: number, value: string, message: RegExp): void => {
+        assert.throws(make, (e: unknown) => {
+          assert.ok(e instanceof DTypeError, String(e));
+          assert.equal(e.code, 'ERR_BLIP2_DTYPE');
+          assert.equal(e.argument, 'data');
+          assert.equal(e.index, index);
+          assert.equal(e.value, value);
+          assert.match(e.message, message);
+          return true;
+        });
+      };
+      // JS arrays: exact integers within the range only.
+      rejects(() => Tensor.from([300], [1], { dtype: 'int8' }), 0, '300', /item 0 = 300, which does not fit dtype 'int8' \(integers from -128 to 127\)/);
+      rejects(() => Tensor.from([[1, 2], [3, 40000]], undefined, { dtype: 'int16' }), 3, '40000', /data\[1\]\[1\]/);
+      rejects(() => Tensor.from([0, -1], undefined, { dtype: 'uint8' }), 1, '-1', /integers from 0 to 255/);
+      rejects(() => Tensor.from([1, NaN], undefined, { dtype: 'int32' }), 1, 'NaN', /int32/);
+      rejects(() => Tensor.from([2 ** 31], undefined, { dtype: 'int32' }), 0, '2147483648', /int32/);
+      rejects(() => Tensor.from([0.5], undefined, { dtype: 'uint8' }), 0, '0.5', /uint8/);
+      rejects(() => Tensor.from([Infinity], undefined, { dtype: 'int64' }), 0, 'Infinity', /int64/);
+      rejects(() => Tensor.from([1n, 2n ** 63n], undefined, { dtype: 'int64' }), 1, '9223372036854775808n', /-2\^63 to 2\^63-1/);
+      rejects(() => Tensor.from([200n], undefined, { dtype: 'int8' }), 0, '200n', /int8/);
+      // Typed arrays cast as libtorch casts (fractions toward zero), but never wrap or invent values.
+      rejects(() => Tensor.from(new Int32Array([1, 300]), [2], { dtype: 'int8' }), 1, '300', /int8/);
+      rejects(() => Tensor.from(new Uint8Array([200]), [1], { dtype: 'int8' }), 0, '200', /int8/);
+      rejects(() => Tensor.from(new Float32Array([1, NaN]), [2], { dtype: 'int32' }), 1, 'NaN', /int32/);
+      rejects(() => Tensor.from(new Float64Array([1e20]), [1], { dtype: 'int64' }), 0, '100000000000000000000', /int64/);
+      rejects(() => Tensor.from(new Float64Array([2 ** 63]), [1], { dtype: 'int64' }), 0, '9223372036854776000', /int64/);
+      rejects(() => Tensor.from(new BigInt64Array([-129n]), [1], { dtype: 'int8' }), 0, '-129n', /int8/);
+      const edge = Tensor.from([-128, 127], undefined, { dtype: 'int8' });
+      assert.deepEqual(await edge.toList(), [-128, 127]);
+      const cast = Tensor.from(new Float32Array([255.9, -0.5]), [2], { dtype: 'uint8' });
+      assert.deepEqual(await cast.toList(), [255, 0]);
+      const wide = Tensor.from(new Int8Array([-128, 127]), [2], { dtype: 'int64' });
+      assert.deepEqual(await wide.toList(), [-128n, 127n]);
+      const big = Tensor.from([-(2n ** 63n), 2n ** 63n - 1n]);
+      assert.deepEqual(await big.toList(), [-(2n ** 63n), 2n ** 63n - 1n]);
+      for (const t of [edge, cast, wide, big]) t.dispose();
+    });
+
+    it('typed arrays over a SharedArrayBuffer are copied (the addon cannot read shared memory)', async () => {
+      const shared = new Float32Array(new SharedArrayBuffer(16));
+      shared.set([1, 2, 3, 4]);
+      const t = Tensor.from(shared, [2, 2]);
+      shared[0] = 100; // the tensor holds its own copy
+      assert.equal(t.dtype, 'float32');
+      assert.deepEqual(await t.toList(), [1, 2, 3, 4]);
+      const bytes = Buffer.from(new SharedArrayBuffer(3));
+      bytes.set([7, 8, 9]);
+      const u8 = Tensor.from(bytes.subarray(1));
+      assert.equal(u8.dtype, 'uint8');
+      assert.deepEqual(await u8.toList(), [8, 9]);
+      const ids = Tensor.from(new BigInt64Array(new SharedArrayBuffer(16)).fill(5n), [2], { dtype: 'int32' });
+      assert.deepEqual(await ids.toList(), [5, 5]);
+      for (const x of [t, u8, ids]) x.dispose();
+    });
+
     it('devices that do not exist or are unavailable', () => {
       assert.throws(() => Tensor.from(new Float32Array(1), [1], { device: 'tpu' }), (e: unknown) => e instanceof DeviceError && e.argument === 'device');
       if (!cudaAvailable()) {
@@ -203,6 +263,27 @@ describe('Tensor', () => {
   });
 
   describe('runtime info', () => {
+    it(`setNumThreads: at most os.availableParallelism() (${os.availableParallelism()} here); the count in effect is unchanged by a rejected call`, async () => {
+      const cores = os.availableParallelism();
+      const before = await getNumThreads();
+      for (const threads of [1024, cores + 1, 0, 1.5, NaN]) {
+        await assert.rejects(setNumThreads(threads), (e: unknown) => {
+          assert.ok(e instanceof InvalidArgumentError, String(e));
+          assert.equal(e.code, 'ERR_BLIP2_INVALID_ARGUMENT');
+          assert.equal(e.argument, 'threads');
+          assert.match(e.message, new RegExp(`expected an integer from 1 to ${cores} \\(os\\.availableParallelism\\(\\)\\)`));
+          return true;
+        });
+      }
+      assert.equal(await getNumThreads(), before);
+      assert.equal(await setNumThreads(before), before);
+      const t = Tensor.from(new Float32Array([1.5, -2]));
+      const half = await t.to({ dtype: 'float16' });
+      assert.deepEqual(await half.toList(), [1.5, -2]);
+      t.dispose();
+      half.dispose();
+    });
+
     it('lists devices and versions', () => {
       assert.equal(devices()[0], 'cpu');
       assert.match(versions.libtorch, /^\d+\.\d+/);

@@ -15,12 +15,14 @@
 //   - failOn 'error': like PIL, truncated or corrupt data is an error but libjpeg's warnings
 //     ("extraneous bytes before marker") are not.
 import * as fs from 'node:fs/promises';
+import * as os from 'node:os';
 
 import sharp from 'sharp';
 
 import type { NativeImage } from '../../typings/binding';
 
 import { ImageDecodeError, InvalidArgumentError, describeValue } from '../errors';
+import { Semaphore } from '../runtime/semaphore';
 
 /** 8-bit interleaved pixels: channels 1 = grey, 2 = grey + alpha, 3 = RGB, 4 = RGBA; rows packed. */
 export interface RawImage {
@@ -54,6 +56,15 @@ export interface DecodedImage extends NativeImage {
 }
 
 export const DEFAULT_MAX_PIXELS = 100_000_000;
+/** Pixels of all the images of one call together, unless maxTotalPixels says otherwise (and at least maxPixels). */
+export const DEFAULT_MAX_TOTAL_PIXELS = 100_000_000;
+/**
+ * Images decoded to raw pixels at once in this process, across all calls: each decode holds its
+ * full-size pixels plus libvips' working memory, and libvips already spreads one decode over the
+ * cores, so more at once would add memory, not speed.
+ */
+export const MAX_CONCURRENT_DECODES = Math.max(1, Math.min(4, os.availableParallelism()));
+const decodeSlots = new Semaphore(MAX_CONCURRENT_DECODES);
 
 export function isRawImage(value: unknown): value is RawImage {
   return (
@@ -68,16 +79,23 @@ function decodeError(index: number, message: string, cause?: unknown): ImageDeco
   return error;
 }
 
-function checkMaxPixels(maxPixels: unknown): number {
-  if (maxPixels === undefined) return DEFAULT_MAX_PIXELS;
+export function checkMaxPixels(maxPixels: unknown, argument = 'maxPixels', fallback = DEFAULT_MAX_PIXELS): number {
+  if (maxPixels === undefined) return fallback;
   if (typeof maxPixels !== 'number' || !Number.isSafeInteger(maxPixels) || maxPixels < 1) {
-    throw InvalidArgumentError.of('maxPixels', maxPixels, 'an integer >= 1');
+    throw InvalidArgumentError.of(argument, maxPixels, 'an integer >= 1');
   }
   return maxPixels;
 }
 
-/** Raw pixels given by the user: checked and copied (the caller may reuse or detach its buffer). */
-function fromRaw(raw: RawImage, index: number, maxPixels: number): DecodedImage {
+/** An image whose size is known (header read, limits checked) and whose pixels are not decoded yet. */
+export interface ProbedImage {
+  width: number;
+  height: number;
+  decode(): Promise<DecodedImage>;
+}
+
+/** Raw pixels given by the user: checked now, copied at decode (the caller may reuse or detach its buffer). */
+function probeRaw(raw: RawImage, index: number, maxPixels: number): ProbedImage {
   const { data, width, height, channels } = raw;
   const where = `images[${index}]`;
   if (!(data instanceof Uint8Array) && !(data instanceof Uint8ClampedArray)) {
@@ -105,9 +123,14 @@ function fromRaw(raw: RawImage, index: number, maxPixels: number): DecodedImage 
   if (data.length !== width * height * channels) {
     throw decodeError(index, `data holds ${data.length} bytes but width x height x channels = ${width}x${height}x${channels} = ${width * height * channels}`);
   }
-  const copy = new Uint8Array(data.length);
-  copy.set(data);
-  return { data: copy, width, height, channels, format: 'raw', converted: false };
+  return {
+    width, height,
+    decode: async () => {
+      const copy = new Uint8Array(data.length);
+      copy.set(data);
+      return { data: copy, width, height, channels, format: 'raw', converted: false };
+    },
+  };
 }
 
 /**
@@ -157,7 +180,7 @@ export function gifTransparentColour(bytes: Uint8Array): [number, number, number
   return undefined;
 }
 
-async function fromEncoded(bytes: Uint8Array, index: number, options: { autoOrient: boolean; maxPixels: number }): Promise<DecodedImage> {
+async function probeEncoded(bytes: Uint8Array, index: number, options: { autoOrient: boolean; maxPixels: number }): Promise<ProbedImage> {
   if (bytes.length === 0) throw decodeError(index, 'the buffer is empty (0 bytes)');
   const settings = {
     failOn: 'error' as const,
@@ -180,9 +203,14 @@ async function fromEncoded(bytes: Uint8Array, index: number, options: { autoOrie
     }
     throw decodeError(index, describeSharpError(error), error);
   }
-  const { width, height, format, space } = metadata;
+  const { width, height, format } = metadata;
   if (!width || !height) throw decodeError(index, `the ${format ?? 'image'} is ${width ?? 0}x${height ?? 0} pixels; it needs a width and a height of at least 1`);
   if (width * height > options.maxPixels) throw tooManyPixels(index, format, width, height, options.maxPixels);
+  return { width, height, decode: () => decodePixels(image, bytes, metadata, index) };
+}
+
+async function decodePixels(image: sharp.Sharp, bytes: Uint8Array, metadata: sharp.Metadata, index: number): Promise<DecodedImage> {
+  const { format, space } = metadata;
   try {
     // Nothing here loops over pixels on the JS thread: libvips does the casts, the native step the rest.
     const cmyk = space === 'cmyk';
@@ -230,11 +258,11 @@ function describeSharpError(error: unknown): string {
 }
 
 /**
- * Decodes one image input. Encoded bytes and files go through sharp off the JS thread; raw pixels
- * are checked and copied. Rejects with ImageDecodeError (bad data) or InvalidArgumentError (a
- * value of the wrong kind), both naming `options.index`.
+ * Reads one image input's size and checks it against maxPixels, without decoding the pixels.
+ * Rejects with ImageDecodeError (bad data) or InvalidArgumentError (a value of the wrong kind),
+ * both naming `options.index`.
  */
-export async function decodeImage(input: ImageInput, options: DecodeOptions = {}): Promise<DecodedImage> {
+export async function probeImage(input: ImageInput, options: DecodeOptions = {}): Promise<ProbedImage> {
   const index = options.index ?? 0;
   const maxPixels = checkMaxPixels(options.maxPixels);
   const autoOrient = options.autoOrient ?? false;
@@ -247,17 +275,33 @@ export async function decodeImage(input: ImageInput, options: DecodeOptions = {}
       const code = (error as NodeJS.ErrnoException).code;
       throw decodeError(index, `cannot read file ${JSON.stringify(input)}${code ? ` (${code})` : ''}: ${(error as Error).message}`, error);
     }
-    return fromEncoded(bytes, index, { autoOrient, maxPixels });
+    return probeEncoded(bytes, index, { autoOrient, maxPixels });
   }
-  if (input instanceof ArrayBuffer) return fromEncoded(new Uint8Array(input), index, { autoOrient, maxPixels });
+  if (input instanceof ArrayBuffer) return probeEncoded(new Uint8Array(input), index, { autoOrient, maxPixels });
   if (input instanceof Uint8Array || input instanceof Uint8ClampedArray) {
-    return fromEncoded(new Uint8Array(input.buffer, input.byteOffset, input.byteLength), index, { autoOrient, maxPixels });
+    return probeEncoded(new Uint8Array(input.buffer, input.byteOffset, input.byteLength), index, { autoOrient, maxPixels });
   }
   if (isRawImage(input)) {
-    return fromRaw(input, index, maxPixels); // raw pixels carry no orientation
+    return probeRaw(input, index, maxPixels); // raw pixels carry no orientation
   }
   throw new InvalidArgumentError(
     `argument 'images[${index}]' is ${describeValue(input)}; expected encoded image bytes (Buffer/Uint8Array), a file path or raw pixels { data, width, height, channels }`,
     { argument: `images[${index}]`, value: describeValue(input), expected: 'a Buffer, Uint8Array, file path or { data, width, height, channels }', index },
   );
+}
+
+/** Decodes a probed image in one of the process's MAX_CONCURRENT_DECODES slots; undefined when `skip()` says so once the slot is free. */
+export function decodeProbed(image: ProbedImage, signal?: AbortSignal): Promise<DecodedImage>;
+export function decodeProbed(image: ProbedImage, signal: AbortSignal | undefined, skip: () => boolean): Promise<DecodedImage | undefined>;
+export function decodeProbed(image: ProbedImage, signal?: AbortSignal, skip?: () => boolean): Promise<DecodedImage | undefined> {
+  return decodeSlots.run(async () => (skip?.() ? undefined : image.decode()), signal);
+}
+
+/**
+ * Decodes one image input. Encoded bytes and files go through sharp off the JS thread; raw pixels
+ * are checked and copied. Rejects with ImageDecodeError (bad data) or InvalidArgumentError (a
+ * value of the wrong kind), both naming `options.index`.
+ */
+export async function decodeImage(input: ImageInput, options: DecodeOptions = {}): Promise<DecodedImage> {
+  return decodeProbed(await probeImage(input, options));
 }

@@ -10,7 +10,12 @@ import { AbortError, ImageDecodeError, InvalidArgumentError, ModelLoadError } fr
 import { requireSignal, withAbort } from '../runtime/abort';
 import { binding } from '../native/binding';
 import { Tensor } from '../tensor/tensor';
-import { DEFAULT_MAX_PIXELS, type DecodedImage, type ImageInput, decodeImage } from './image-decode';
+import {
+  DEFAULT_MAX_PIXELS, DEFAULT_MAX_TOTAL_PIXELS, type DecodedImage, type ImageInput, type ProbedImage, checkMaxPixels, decodeProbed, probeImage,
+} from './image-decode';
+
+/** Images of one call: what the native step takes. */
+const MAX_IMAGES = 65_536;
 
 /** OPENAI_CLIP_MEAN / OPENAI_CLIP_STD: BlipImageProcessor's defaults. */
 export const OPENAI_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073] as const;
@@ -49,6 +54,8 @@ export interface PreprocessOptions {
   autoOrient?: boolean;
   /** Reject images with more pixels; default 100,000,000. */
   maxPixels?: number;
+  /** Reject calls whose images have more pixels together; default max(100,000,000, maxPixels). */
+  maxTotalPixels?: number;
 }
 
 function configError(argument: string, value: unknown, expected: string): InvalidArgumentError {
@@ -162,12 +169,21 @@ export class BlipImageProcessor {
    * Images → pixel values [B, 3, size.height, size.width] on `device`. Decoding runs in sharp,
    * resizing on the addon's CPU pool, rescale/normalize/layout/cast in one step on the device.
    * Rejects with ImageDecodeError / InvalidArgumentError naming the image's index.
+   *
+   * Memory of one call: every image's header is read first (encoded bytes, or the file read into
+   * memory) and the call is rejected when the images have more than maxTotalPixels pixels
+   * together; then the decoded pixels, at most maxTotalPixels x 4 bytes (RGBA; 400 MB at the
+   * default), are held until the native step has resized them into the uint8 batch
+   * (B x H x W x 3) and made the output (B x 3 x H x W x 4 bytes for float32: 1.8 MB an image at
+   * 384x384). Across calls at most MAX_CONCURRENT_DECODES images are being decoded at once, each
+   * with libvips' working memory besides its pixels.
    */
   async preprocess(images: ImageInput | readonly ImageInput[], options: PreprocessOptions = {}): Promise<Tensor> {
     if (options === null || typeof options !== 'object') throw InvalidArgumentError.of('options', options, 'an object');
     const signal = requireSignal(options.signal);
     const list = Array.isArray(images) ? (images as readonly ImageInput[]) : [images as ImageInput];
     if (list.length === 0) throw InvalidArgumentError.of('images', images, 'at least one image');
+    if (list.length > MAX_IMAGES) throw InvalidArgumentError.of('images', images, `at most ${MAX_IMAGES} images per call`);
     const dtype = options.dtype ?? 'float32';
     if (!['float32', 'float16', 'bfloat16', 'float64'].includes(dtype)) {
       throw InvalidArgumentError.of('dtype', dtype, "'float32', 'float16', 'bfloat16' or 'float64'");
@@ -175,9 +191,10 @@ export class BlipImageProcessor {
     if (options.device !== undefined && typeof options.device !== 'string') {
       throw InvalidArgumentError.of('device', options.device, "a device string such as 'cpu' or 'cuda:0'");
     }
-    const maxPixels = options.maxPixels ?? DEFAULT_MAX_PIXELS;
+    const maxPixels = checkMaxPixels(options.maxPixels);
+    const maxTotalPixels = checkMaxPixels(options.maxTotalPixels, 'maxTotalPixels', Math.max(DEFAULT_MAX_TOTAL_PIXELS, maxPixels));
     throwIfAborted(signal);
-    const decoded = await decodeAll(list, { autoOrient: options.autoOrient, maxPixels });
+    const decoded = await decodeAll(list, { autoOrient: options.autoOrient, maxPixels, maxTotalPixels, signal });
     throwIfAborted(signal);
     if (!this.doConvertRgb) {
       decoded.forEach((image, index) => {
@@ -200,19 +217,53 @@ export class BlipImageProcessor {
   }
 }
 
-/** Decodes every image concurrently; on failure reports the lowest failing index. */
-export async function decodeAll(images: readonly ImageInput[], options: { autoOrient?: boolean; maxPixels?: number }): Promise<DecodedImage[]> {
-  const settled = await Promise.allSettled(images.map((image, index) => decodeImage(image, { ...options, index })));
-  const decoded: DecodedImage[] = [];
+/**
+ * Reads every image's header, checks the call's pixel budget, then decodes (at most
+ * MAX_CONCURRENT_DECODES at once in the process). On failure reports the lowest failing index of
+ * the first phase that failed; after one failure, decodes not yet started are skipped.
+ */
+export async function decodeAll(
+  images: readonly ImageInput[],
+  options: { autoOrient?: boolean; maxPixels?: number; maxTotalPixels?: number; signal?: AbortSignal },
+): Promise<DecodedImage[]> {
+  const { signal } = options;
+  const maxTotalPixels = checkMaxPixels(options.maxTotalPixels, 'maxTotalPixels', Math.max(DEFAULT_MAX_TOTAL_PIXELS, options.maxPixels ?? DEFAULT_MAX_PIXELS));
+  const probed = firstFailure(await Promise.allSettled(images.map((image, index) => probeImage(image, { autoOrient: options.autoOrient, maxPixels: options.maxPixels, index }))));
+  let total = 0;
+  probed.forEach((image, index) => {
+    total += image.width * image.height;
+    if (total > maxTotalPixels) {
+      throw new ImageDecodeError(
+        `image at index ${index}: images 0 to ${index} have ${total} pixels together, above the limit of ${maxTotalPixels} pixels per call (option maxTotalPixels)`,
+        { index },
+      );
+    }
+  });
+  throwIfAborted(signal);
+  // After a failure the call is lost: decodes still waiting for a slot are skipped.
+  let failed = false;
+  const decodeOne = (image: ProbedImage): Promise<DecodedImage | undefined> =>
+    decodeProbed(image, signal, () => failed).catch((error: unknown) => {
+      failed = true;
+      throw error;
+    });
+  const decoded = firstFailure(await Promise.allSettled(probed.map(decodeOne)));
+  throwIfAborted(signal);
+  return decoded as DecodedImage[];
+}
+
+/** The values, or the error of the lowest failing index (AbortError as it is, anything untyped as an ImageDecodeError). */
+function firstFailure<T>(settled: PromiseSettledResult<T>[]): T[] {
+  const values: T[] = [];
   for (const result of settled) {
     if (result.status === 'rejected') {
       const error = result.reason as unknown;
-      if (error instanceof ImageDecodeError || error instanceof InvalidArgumentError) throw error;
+      if (error instanceof ImageDecodeError || error instanceof InvalidArgumentError || error instanceof AbortError) throw error;
       throw new ImageDecodeError(`image decoding failed: ${error instanceof Error ? error.message : String(error)}`, {});
     }
-    decoded.push(result.value);
+    values.push(result.value);
   }
-  return decoded;
+  return values;
 }
 
 export function throwIfAborted(signal: AbortSignal | undefined): void {

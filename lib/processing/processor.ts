@@ -10,6 +10,9 @@
 //   included and image tokens excluded, as in transformers 4.45.1 (the fixtures' version). The
 //   newest transformers main branch subtracts numQueryTokens from max_length instead (so there it
 //   bounds the whole row); to get that, pass maxLength - numQueryTokens.
+// - `maxLength` and `padToMultipleOf` are at most `maxLengthBound`: the text tokens the language
+//   model holds beside its query tokens (see Blip2Processor.maxLengthBound). Without maxLength,
+//   truncation and padding 'max_length' use model_max_length capped at that bound.
 // - Image tokens are added only when images are given (text-only calls give plain text ids), as
 //   newer transformers versions do (4.45.1 adds them to text-only calls too).
 // - One text per image. A single string with several images is applied to every image (each row
@@ -24,7 +27,8 @@ import { requireSignal } from '../runtime/abort';
 import { Tensor } from '../tensor/tensor';
 import type { ImageInput } from './image-decode';
 import { BlipImageProcessor, type PixelDType, throwIfAborted } from './image-processor';
-import { type DecodeOptions, type PaddingStrategy, PreTrainedTokenizer, type TokenIds, type TruncationStrategy } from './tokenizer';
+import { TEXT_LIMITS } from './tokenizer-core';
+import { type DecodeOptions, type PaddingStrategy, PreTrainedTokenizer, type TokenIds, type TruncationStrategy, encodeForProcessor } from './tokenizer';
 
 /** The image placeholder token put before the text of each row. */
 export const IMAGE_TOKEN = '<image>';
@@ -57,6 +61,8 @@ export interface ProcessOptions {
   autoOrient?: boolean;
   /** Reject images with more pixels; default 100,000,000. */
   maxPixels?: number;
+  /** Reject calls whose images have more pixels together; default max(100,000,000, maxPixels). */
+  maxTotalPixels?: number;
 }
 
 /** What Blip2Processor.process() returns for images and text: the inputs of generate(). */
@@ -70,6 +76,7 @@ export interface Blip2ProcessorOutput {
 }
 
 type Images = ImageInput | readonly ImageInput[];
+type EncodedRows = Awaited<ReturnType<PreTrainedTokenizer[typeof encodeForProcessor]>>;
 type Texts = string | readonly string[];
 
 interface ManifestInfo {
@@ -77,6 +84,8 @@ interface ManifestInfo {
   image_token_index?: number | null;
   dtype?: string;
 }
+
+const positiveInteger = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 1;
 
 function readJsonIfExists(file: string): Record<string, unknown> | undefined {
   if (!fs.existsSync(file)) return undefined;
@@ -100,12 +109,22 @@ export class Blip2Processor {
   readonly imageTokenId: number;
   /** Default dtype of pixel values. */
   readonly dtype: PixelDType;
+  /**
+   * The largest `maxLength` / `padToMultipleOf` of a call: the text tokens the language model
+   * holds beside its query tokens. options.maxLengthBound, else the tokenizer's (fromPretrained:
+   * the smaller of model_max_length and the model's positions less its query tokens).
+   */
+  readonly maxLengthBound: number;
+  /** Set when the bound is the processor's own (options.maxLengthBound), not the tokenizer's. */
+  readonly #boundSource: string | undefined;
 
-  constructor(imageProcessor: BlipImageProcessor, tokenizer: PreTrainedTokenizer, options: { numQueryTokens?: number | null; dtype?: PixelDType } = {}) {
+  constructor(imageProcessor: BlipImageProcessor, tokenizer: PreTrainedTokenizer, options: { numQueryTokens?: number | null; dtype?: PixelDType; maxLengthBound?: number } = {}) {
     if (!(imageProcessor instanceof BlipImageProcessor)) throw InvalidArgumentError.of('imageProcessor', imageProcessor, 'a BlipImageProcessor');
     if (!(tokenizer instanceof PreTrainedTokenizer)) throw InvalidArgumentError.of('tokenizer', tokenizer, 'a PreTrainedTokenizer');
     const nq = options.numQueryTokens ?? null;
     if (nq !== null && (!Number.isSafeInteger(nq) || nq < 1)) throw InvalidArgumentError.of('numQueryTokens', nq, 'an integer >= 1 or null');
+    const bound = options.maxLengthBound;
+    if (bound !== undefined && !positiveInteger(bound)) throw InvalidArgumentError.of('maxLengthBound', bound, 'an integer >= 1');
     const id = tokenizer.tokenToId(IMAGE_TOKEN);
     if (id === undefined) {
       throw new InvalidArgumentError(`the tokenizer has no ${IMAGE_TOKEN} token; load it with ensureTokens: ['${IMAGE_TOKEN}']`, {
@@ -117,6 +136,8 @@ export class Blip2Processor {
     this.numQueryTokens = nq;
     this.imageTokenId = id;
     this.dtype = options.dtype ?? 'float32';
+    this.maxLengthBound = bound ?? tokenizer.maxLengthBound;
+    this.#boundSource = bound !== undefined ? "the processor's maxLengthBound option" : undefined;
   }
 
   /**
@@ -131,6 +152,7 @@ export class Blip2Processor {
     const processorConfig = readJsonIfExists(path.join(dir, 'processor_config.json')) ?? {};
     const preprocessorConfig = readJsonIfExists(path.join(dir, 'preprocessor_config.json')) ?? {};
     const imageProcessor = BlipImageProcessor.fromPretrained(dir);
+    // The tokenizer takes the model's length and vocabulary size from the folder too.
     const tokenizer = PreTrainedTokenizer.fromPretrained(dir, { ensureTokens: [IMAGE_TOKEN] });
 
     let numQueryTokens: number | null = null;
@@ -171,12 +193,17 @@ export class Blip2Processor {
     const device = options.device ?? 'cpu';
     if (typeof device !== 'string') throw InvalidArgumentError.of('device', device, "a device string such as 'cpu' or 'cuda:0'");
 
-    // Text first: it is cheap and its errors need no decoding.
-    let texts: string[] | undefined;
+    // Text first: its errors need no decoding.
+    let texts: readonly string[] | undefined;
+    if (text !== undefined && imageList && imageList.length > TEXT_LIMITS.maxTexts) {
+      throw InvalidArgumentError.of('images', images, `at most ${TEXT_LIMITS.maxTexts} images per call with text (one row each)`);
+    }
     if (text !== undefined) {
       if (typeof text === 'string') {
         texts = new Array<string>(imageList?.length ?? 1).fill(text);
       } else if (Array.isArray(text)) {
+        // The count before the walk: a huge array is rejected at once.
+        if (text.length > TEXT_LIMITS.maxTexts) throw InvalidArgumentError.of('text', text, `at most ${TEXT_LIMITS.maxTexts} texts per call`);
         text.forEach((t, index) => {
           if (typeof t !== 'string') {
             throw new InvalidArgumentError(`argument 'text[${index}]' is ${describeValue(t)}; expected a string`, {
@@ -197,35 +224,32 @@ export class Blip2Processor {
             { argument: 'text', value: `${text.length} texts`, expected: `${imageList.length} texts (one per image)`, index: text.length },
           );
         }
-        texts = [...text];
+        texts = text;
       } else {
         throw InvalidArgumentError.of('text', text, 'a string or an array of strings');
       }
     }
-    let encoding: { inputIds: number[][]; attentionMask: number[][] } | undefined;
+    let encoding: EncodedRows | undefined;
     if (texts) {
-      encoding = this.tokenizer.call(texts, {
+      const prefix = imageList && this.numQueryTokens !== null ? { id: this.imageTokenId, count: this.numQueryTokens } : undefined;
+      // Small texts are tokenized here, large ones in the tokenizer's worker thread.
+      encoding = await this.tokenizer[encodeForProcessor](texts, {
         addSpecialTokens: options.addSpecialTokens,
         padding: options.padding,
         truncation: options.truncation,
         maxLength: options.maxLength,
         padToMultipleOf: options.padToMultipleOf,
         paddingSide: options.paddingSide,
+      }, {
+        maxLengthBound: this.#boundSource === undefined ? undefined : this.maxLengthBound, boundSource: this.#boundSource, prefix, signal,
       });
-      const lengths = new Set(encoding.inputIds.map((r) => r.length));
+      const lengths = new Set(encoding.lengths);
       if (lengths.size > 1) {
+        const prefixLength = prefix?.count ?? 0;
         throw new InvalidArgumentError(
-          `the texts tokenize to different lengths (${[...lengths].join(', ')}); pass padding: true (or 'max_length') to batch them`,
+          `the texts tokenize to different lengths (${[...lengths].map((n) => n - prefixLength).join(', ')}); pass padding: true (or 'max_length') to batch them`,
           { argument: 'padding', value: String(options.padding ?? false), expected: "true, 'longest' or 'max_length'" },
         );
-      }
-      if (imageList && this.numQueryTokens !== null) {
-        const imageIds = new Array<number>(this.numQueryTokens).fill(this.imageTokenId);
-        const ones = new Array<number>(this.numQueryTokens).fill(1);
-        encoding = {
-          inputIds: encoding.inputIds.map((row) => [...imageIds, ...row]),
-          attentionMask: encoding.attentionMask.map((row) => [...ones, ...row]),
-        };
       }
     }
     throwIfAborted(signal);
@@ -235,21 +259,14 @@ export class Blip2Processor {
       if (imageList) {
         out.pixelValues = await this.imageProcessor.preprocess(imageList, {
           device, dtype: options.dtype ?? this.dtype, signal, autoOrient: options.autoOrient, maxPixels: options.maxPixels,
+          maxTotalPixels: options.maxTotalPixels,
         });
       }
       if (encoding) {
-        const rows = encoding.inputIds.length;
-        const length = encoding.inputIds[0].length;
-        const ids = new BigInt64Array(rows * length);
-        const mask = new BigInt64Array(rows * length);
-        for (let r = 0; r < rows; r++) {
-          for (let j = 0; j < length; j++) {
-            ids[r * length + j] = BigInt(encoding.inputIds[r][j]);
-            mask[r * length + j] = BigInt(encoding.attentionMask[r][j]);
-          }
-        }
-        out.inputIds = Tensor.from(ids, [rows, length], { dtype: 'int64', device });
-        out.attentionMask = Tensor.from(mask, [rows, length], { dtype: 'int64', device });
+        // int32 ids and uint8 mask widen to int64 in the addon (one copy each, no per-item JS work).
+        const shape = [encoding.rows, encoding.width];
+        out.inputIds = Tensor.from(encoding.ids, shape, { dtype: 'int64', device });
+        out.attentionMask = Tensor.from(encoding.mask, shape, { dtype: 'int64', device });
       }
       throwIfAborted(signal);
     } catch (error) {

@@ -1,7 +1,10 @@
 import type { NativeTensor } from '../../typings/binding';
 import { DisposedError, InvalidArgumentError } from '../errors';
 import { binding } from '../native/binding';
-import { type DType, type TensorTypedArray, type TypedArrayOf, requireDType, typedArrayFromList } from './dtype';
+import {
+  type DType, type IntegerDType, type TensorTypedArray, type TypedArrayOf, INTEGER_RANGES, fitsInteger, isIntegerDType, requireDType, typedArrayFromList,
+  valueError,
+} from './dtype';
 
 /** Options of Tensor.from(). */
 export interface TensorOptions {
@@ -30,7 +33,10 @@ export class Tensor<D extends DType = DType> {
   /**
    * Makes a tensor from a typed array or a (nested) JS array. `shape` defaults to the nesting of
    * `data` (or [length] for flat data). Uint16Array data carries float16/bfloat16 bits and needs
-   * `dtype`.
+   * `dtype`. JS arrays must hold values of `dtype` exactly (DTypeError naming the item otherwise);
+   * typed arrays of another element type are cast as libtorch casts (fractions drop toward zero),
+   * but values an integer dtype cannot hold (out of range, NaN, infinities) are a DTypeError.
+   * A typed array over a SharedArrayBuffer is copied out of it first.
    */
   static from<D extends DType = DType>(data: TensorInput, shape?: readonly number[], options: TensorOptions = {}): Tensor<D> {
     if (options === null || typeof options !== 'object') throw InvalidArgumentError.of('options', options, 'an object');
@@ -41,13 +47,17 @@ export class Tensor<D extends DType = DType> {
     if (shape !== undefined && !Array.isArray(shape)) throw InvalidArgumentError.of('shape', shape, 'an array of non-negative integers');
     if (Array.isArray(data)) {
       const { flat, inferred } = flatten(data);
-      const converted = typedArrayFromList(flat, dtype, 'data');
+      const converted = typedArrayFromList(flat, dtype, 'data', inferred.length > 1 ? (i) => nestedPosition(i, inferred) : undefined);
       return new Tensor<D>(binding.NativeTensor.fromData(converted.data, [...(shape ?? inferred)], converted.dtype, options.device));
     }
     if (!ArrayBuffer.isView(data) || data instanceof DataView) {
       throw InvalidArgumentError.of('data', data, 'a TypedArray, a Buffer or a (nested) array of numbers');
     }
-    const typed = data as unknown as TensorTypedArray;
+    let typed = data as unknown as TensorTypedArray;
+    // The addon reads the bytes through an ArrayBuffer, which a SharedArrayBuffer is not; and
+    // another thread may write shared memory while we read it, so take a private copy first.
+    if (typeof SharedArrayBuffer === 'function' && typed.buffer instanceof SharedArrayBuffer) typed = unshared(typed);
+    if (dtype !== undefined && isIntegerDType(dtype)) checkIntegerCast(typed, dtype);
     return new Tensor<D>(binding.NativeTensor.fromData(typed, [...(shape ?? [typed.length])], dtype, options.device));
   }
 
@@ -150,6 +160,53 @@ function halfToNumber(bits: number): number {
 /** Number of tensors alive in native memory (for leak checks). */
 export function liveTensorCount(): number {
   return binding.NativeTensor.liveCount();
+}
+
+const TYPED_ARRAYS = [
+  Float32Array, Float64Array, BigInt64Array, BigUint64Array, Int32Array, Uint32Array, Int16Array, Uint16Array, Int8Array, Uint8Array, Uint8ClampedArray,
+] as const;
+
+function unshared(typed: TensorTypedArray): TensorTypedArray {
+  // Buffer is a Uint8Array: the copy is a plain Uint8Array.
+  const Kind = TYPED_ARRAYS.find((C) => typed instanceof C) as unknown as (new (length: number) => TensorTypedArray) | undefined;
+  if (!Kind) return typed;
+  const copy = new Kind(typed.length);
+  (copy as unknown as { set(source: ArrayLike<unknown>): void }).set(typed as ArrayLike<unknown>);
+  return copy;
+}
+
+/** The integer dtype whose values a typed array holds, if any (Uint16Array carries half-precision bits). */
+function integerSource(typed: TensorTypedArray): IntegerDType | undefined {
+  if (typed instanceof BigInt64Array) return 'int64';
+  if (typed instanceof Int32Array) return 'int32';
+  if (typed instanceof Int16Array) return 'int16';
+  if (typed instanceof Int8Array) return 'int8';
+  if (typed instanceof Uint8Array) return 'uint8';
+  return undefined;
+}
+
+/** A cast into an integer dtype must not wrap or invent values: check every item the target cannot hold. */
+function checkIntegerCast(typed: TensorTypedArray, target: IntegerDType): void {
+  if (typed instanceof Uint16Array) return; // half-precision bits: the addon asks for a float dtype
+  const source = integerSource(typed);
+  if (source !== undefined) {
+    const [lo, hi] = INTEGER_RANGES[source];
+    const [tlo, thi] = INTEGER_RANGES[target];
+    if (lo >= tlo && hi <= thi) return; // widening: every value fits
+  }
+  const values = typed as ArrayLike<number | bigint>;
+  for (let i = 0; i < values.length; i++) {
+    if (!fitsInteger(values[i], target, true)) throw valueError('data', i, values[i], target);
+  }
+}
+
+function nestedPosition(index: number, shape: readonly number[]): string {
+  const parts: number[] = [];
+  for (let d = shape.length - 1; d >= 0; d--) {
+    parts.unshift(shape[d] === 0 ? 0 : index % shape[d]);
+    index = shape[d] === 0 ? 0 : Math.floor(index / shape[d]);
+  }
+  return parts.map((p) => `[${p}]`).join('');
 }
 
 function flatten(data: readonly unknown[]): { flat: unknown[]; inferred: number[] } {
