@@ -9,8 +9,14 @@ export { devices, cudaAvailable, versions, setNumThreads, getNumThreads } from '
 export type { Versions } from './runtime/device';
 export { stats } from './runtime/stats';
 export type { RuntimeStats } from './runtime/stats';
-export { Blip2ForConditionalGeneration } from './models/blip2/modeling-blip2';
-export type { Blip2Inputs, FromPretrainedOptions, GenerateOutput, ModelStats } from './models/blip2/modeling-blip2';
+export {
+  Blip2ForConditionalGeneration, Blip2Model, Blip2VisionModel, Blip2QFormerModel, Blip2ForImageTextRetrieval,
+  Blip2TextModelWithProjection, Blip2VisionModelWithProjection,
+} from './models/blip2/modeling-blip2';
+export type {
+  Blip2Inputs, FromPretrainedOptions, GenerateOutput, ModelStats, FeatureModelOptions, CallOptions, ModelOutputWithPooling,
+  ImageTextRetrievalOutput,
+} from './models/blip2/modeling-blip2';
 export type { TokenDelta } from './generation/streaming';
 export type { Blip2Config, GenerationConfig } from './models/blip2/configuration';
 export type { GenerateOptions, GenerationStep } from './generation/options';

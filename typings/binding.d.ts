@@ -17,6 +17,10 @@ export interface NativeTensor {
   /** One copy, device or host memory → a new typed array (float16/bfloat16 as Uint16Array bits, bool as Uint8Array). */
   toArray(): Promise<NativeTypedArray>;
   to(device: string | undefined, dtype: NativeDType | undefined): Promise<NativeTensor>;
+  /** A view of `length` entries of dimension `dim` from `start` (no copy). */
+  narrow(dim: number, start: number, length: number): Promise<NativeTensor>;
+  /** A view of entry `index` of dimension `dim`, dropping that dimension (no copy). */
+  select(dim: number, index: number): Promise<NativeTensor>;
   /** Frees the tensor now (once the tasks already using it finish); idempotent. */
   dispose(): void;
 }
@@ -44,8 +48,17 @@ export interface NativeScriptModule {
   dispose(): void;
 }
 
+/** The weights to bind into a weight-free module of a model folder (ScriptModule.load of lib's model classes). */
+export interface NativeModuleWeights {
+  weights: NativeWeights;
+  /** Floating weights run in this dtype (keepFloat32 ones stay float32 in float16). */
+  dtype: NativeDType;
+  /** [parameter path inside the module, index into tensors]. */
+  parameters: Array<[string, number]>;
+}
+
 export interface NativeScriptModuleConstructor {
-  load(path: string, device: string): Promise<NativeScriptModule>;
+  load(path: string, device: string, weights?: NativeModuleWeights): Promise<NativeScriptModule>;
 }
 
 export interface NativeCancelToken {
@@ -125,7 +138,8 @@ export interface NativeModuleSpec {
 
 /** What lib reads from manifest.json for the native runtime (native code parses no JSON). */
 export interface NativeModelSpec {
-  architecture: 'opt';
+  /** 'opt': decoder-only; 't5': encoder-decoder (Flan-T5). */
+  architecture: 'opt' | 't5';
   weights: NativeWeights;
   modules: { imageEncoder: NativeModuleSpec; languageModel: NativeModuleSpec };
   device: string;
@@ -141,7 +155,14 @@ export interface NativeModelSpec {
   imageHeight: number;
   imageWidth: number;
   imageTokenIndex: number | null;
+  /** -1: none (T5). */
   bosTokenId: number;
+  /** The first end-of-sequence id, or -1 (T5's default prompt ends with it). */
+  eosTokenId: number;
+  /** T5: the decoder's first input. */
+  decoderStartTokenId?: number;
+  /** T5: encoder positions (image queries + prompt) a cache slot holds. */
+  maxEncoderLength?: number;
 }
 
 /** Generation options after lib merged them with generation_config.json and validated them. */
@@ -197,7 +218,7 @@ export interface NativeBlip2Model {
   encodeImages(pixelValues: NativeTensor, cancelToken?: NativeCancelToken): Promise<NativeTensor>;
   /** Hugging Face's forward: logits [B, T (+Q for inputs without <image> tokens), V] float32. */
   forward(pixelValues: NativeTensor, inputIds: NativeTensor | null, attentionMask: NativeTensor | null,
-    cancelToken?: NativeCancelToken): Promise<NativeTensor>;
+    decoderInputIds: NativeTensor | null, cancelToken?: NativeCancelToken): Promise<NativeTensor>;
   /**
    * Queues the call on the model's scheduler (continuous batching with every other call); `onStep`
    * sees each step's tokens (not for beam search). Throws QueueFull / Disposed / too many sequences
@@ -209,6 +230,8 @@ export interface NativeBlip2Model {
   /** Rejects queued and running calls with DisposedError, frees cache and weights; resolves once freed. */
   dispose(): Promise<void>;
   stats(): NativeModelStats;
+  /** The model's own modules (same weights, no copy) for feature methods: vision_model, qformer, text_hidden_states... */
+  modules(): { imageEncoder: NativeScriptModule; languageModel: NativeScriptModule };
 }
 
 /** The scheduler of one model (native/blip2/scheduler.h), sized by lib. */

@@ -31,11 +31,22 @@ export interface Manifest {
   format: 'blip2-node-model';
   format_version: 2;
   architecture: 'opt' | 't5' | 'itm';
+  /** config.json's architectures[0]. */
+  checkpoint_class?: string;
+  /** The transformers classes this folder can be loaded as (Blip2ForConditionalGeneration, Blip2Model, ...). */
+  classes: string[];
+  /** T5: encoder positions (image queries + prompt) a cache slot holds. */
+  max_encoder_length?: number;
+  /** itm: the Q-Former/projection parts the checkpoint has. */
+  parts?: Record<string, boolean>;
+  /** itm: the width of the shared image-text embedding space. */
+  image_text_hidden_size?: number;
   dtype: 'float32' | 'float16' | 'bfloat16';
   exporter: { version: string; torch: string };
   num_query_tokens: number;
   image_token_index: number | null;
-  image_size: [number, number];
+  /** [height, width]; null for a folder without a vision model (Blip2TextModelWithProjection). */
+  image_size: [number, number] | null;
   max_length: number;
   vocab_size: number;
   special_tokens: {
@@ -44,9 +55,16 @@ export interface Manifest {
     pad_token_id: number | null;
     decoder_start_token_id: number | null;
   };
-  language_model: { num_layers: number; num_heads: number; head_dim: number; hidden_size: number; embed_dim: number; max_position_embeddings: number };
-  vision: { hidden_size: number; num_layers: number; patch_size: number; num_positions: number };
-  qformer: { hidden_size: number; num_layers: number };
+  /** opt / t5 (absent for itm). num_layers: decoder layers; num_encoder_layers: T5 only. */
+  language_model: {
+    num_layers: number; num_heads: number; head_dim: number; hidden_size: number; embed_dim: number; vocab_size?: number;
+    max_position_embeddings?: number; num_encoder_layers?: number;
+  };
+  vision: { hidden_size: number; num_layers: number; patch_size: number; num_positions: number } | null;
+  qformer: {
+    hidden_size: number; num_layers: number; encoder_hidden_size?: number; vocab_size?: number; max_position_embeddings?: number;
+    use_qformer_text_input?: boolean;
+  };
   weights: ManifestWeights;
   modules: Record<string, ManifestModule>;
 }
@@ -197,9 +215,19 @@ export async function readModelFolder(dir: string): Promise<ModelFolder> {
       { file: manifestPath },
     );
   }
-  for (const key of ['num_query_tokens', 'max_length', 'vocab_size', 'language_model.num_layers', 'language_model.num_heads',
-    'language_model.head_dim', 'language_model.embed_dim', 'image_size.0', 'image_size.1']) {
-    requireNumber(manifestJson, key, manifestPath);
+  const architecture = manifestJson.architecture;
+  if (architecture !== 'opt' && architecture !== 't5' && architecture !== 'itm') {
+    throw new ModelLoadError(`'${manifestPath}' is damaged: 'architecture' is ${JSON.stringify(architecture)}; expected "opt", "t5" or "itm"`, { file: manifestPath });
+  }
+  const numbers = ['num_query_tokens', 'qformer.hidden_size', 'qformer.num_layers'];
+  if (architecture !== 'itm') {
+    numbers.push('max_length', 'vocab_size', 'language_model.num_layers', 'language_model.num_heads', 'language_model.head_dim',
+      'language_model.embed_dim', 'image_size.0', 'image_size.1');
+  }
+  if (architecture === 't5') numbers.push('max_encoder_length', 'language_model.num_encoder_layers');
+  for (const key of numbers) requireNumber(manifestJson, key, manifestPath);
+  if (!Array.isArray(manifestJson.classes) || !manifestJson.classes.every((c) => typeof c === 'string')) {
+    throw new ModelLoadError(`'${manifestPath}' is damaged: 'classes' is ${JSON.stringify(manifestJson.classes)}; expected a list of class names`, { file: manifestPath });
   }
   const manifest = manifestJson as unknown as Manifest;
   if (!manifest.modules || typeof manifest.modules !== 'object') {

@@ -1,4 +1,4 @@
-import type { NativeScriptModule, NativeTensor, ScriptValue } from '../../typings/binding';
+import type { NativeModuleWeights, NativeScriptModule, NativeTensor, ScriptValue } from '../../typings/binding';
 import { InvalidArgumentError } from '../errors';
 import { binding } from '../native/binding';
 import { Tensor } from '../tensor/tensor';
@@ -48,6 +48,17 @@ export class ScriptModule {
     const device = requireDeviceString(options.device ?? 'cpu', 'options.device');
     const signal = requireSignal(options.signal, 'options.signal');
     const native = await withAbort(signal, () => binding.NativeScriptModule.load(path, device), (late) => late.dispose());
+    return new ScriptModule(native);
+  }
+
+  /** @internal A module of a model folder with its weights bound (lib's model classes). */
+  static async loadWithWeights(path: string, device: string, weights: NativeModuleWeights, signal?: AbortSignal): Promise<ScriptModule> {
+    const native = await withAbort(signal, () => binding.NativeScriptModule.load(path, device, weights), (late) => late.dispose());
+    return new ScriptModule(native);
+  }
+
+  /** @internal A handle on a module another native object owns (a model's image encoder, say). */
+  static fromNative(native: NativeScriptModule): ScriptModule {
     return new ScriptModule(native);
   }
 

@@ -117,6 +117,19 @@ export class Tensor<D extends DType = DType> {
     return new Tensor(await this.#native.to(spec.device, dtype));
   }
 
+  /**
+   * A view of `length` entries of dimension `dim` from `start` (as torch.narrow): no copy; it keeps
+   * this tensor's memory alive.
+   */
+  async narrow(dim: number, start: number, length: number): Promise<Tensor<D>> {
+    return new Tensor<D>(await this.#native.narrow(dim, start, length));
+  }
+
+  /** A view of entry `index` of dimension `dim`, which it drops (as torch.select, `t[:, index]` for dim 1): no copy. */
+  async select(dim: number, index: number): Promise<Tensor<D>> {
+    return new Tensor<D>(await this.#native.select(dim, index));
+  }
+
   /** Frees the tensor's memory now. Calling it again does nothing; any other use afterwards throws DisposedError. */
   dispose(): void {
     this.#native.dispose();

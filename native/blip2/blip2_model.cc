@@ -5,6 +5,7 @@
 #include "core/cancel_token.h"
 #include "core/dtype.h"
 #include "core/errors.h"
+#include "core/script_module.h"
 #include "core/tensor.h"
 
 namespace blip2 {
@@ -107,7 +108,8 @@ Napi::Function NativeBlip2Model::Init(Napi::Env env) {
                       InstanceAccessor<&NativeBlip2Model::GetDevice>("device"),
                       InstanceAccessor<&NativeBlip2Model::GetDType>("dtype"),
                       InstanceAccessor<&NativeBlip2Model::GetLinearKernels>("linearKernels"),
-                      InstanceMethod<&NativeBlip2Model::GetStats>("stats")});
+                      InstanceMethod<&NativeBlip2Model::GetStats>("stats"),
+                      InstanceMethod<&NativeBlip2Model::Modules>("modules")});
 }
 
 NativeBlip2Model::NativeBlip2Model(const Napi::CallbackInfo& info) : Napi::ObjectWrap<NativeBlip2Model>(info) {
@@ -180,14 +182,30 @@ Napi::Value NativeBlip2Model::Forward(const Napi::CallbackInfo& info) {
   return GuardJs(env, [&]() -> Napi::Value {
     auto runtime = Require();
     ModelInputs inputs = ValidateInputs(runtime->spec(), info[0], info[1], info[2]);
-    auto cancel = NativeCancelToken::FromValue(info[3]);
+    std::shared_ptr<TensorBox> decoder_ids;
+    if (!info[3].IsUndefined() && !info[3].IsNull()) {
+      NativeTensor* d = NativeTensor::FromValue(info[3], "inputs.decoderInputIds");
+      const TensorMeta& dm = d->meta();
+      if (!IsIndex(dm.dtype)) {
+        throw Error(ErrorCode::kDType, "argument 'inputs.decoderInputIds' has dtype " + DTypeName(dm.dtype) + "; expected int64",
+                    {{"argument", "inputs.decoderInputIds"}, {"value", DTypeName(dm.dtype)}, {"expected", "int64"}});
+      }
+      if (dm.shape.size() != 2 || dm.shape[0] != inputs.batch || dm.shape[1] < 1) {
+        throw Error(ErrorCode::kShape, "argument 'inputs.decoderInputIds' has shape " + ShapeString(dm.shape) + "; expected [" +
+                    std::to_string(inputs.batch) + ", Td] with Td >= 1",
+                    {{"argument", "inputs.decoderInputIds"}, {"value", ShapeString(dm.shape)}, {"expected", "[B, Td]"}});
+      }
+      decoder_ids = d->box();
+    }
+    auto cancel = NativeCancelToken::FromValue(info[4]);
     return RunAsync<at::Tensor>(
         env, runtime->spec().device,
-        [runtime, inputs]() {
-          std::optional<at::Tensor> ids, mask;
+        [runtime, inputs, decoder_ids]() {
+          std::optional<at::Tensor> ids, mask, decoder;
           if (inputs.input_ids) ids = inputs.input_ids->Get();
           if (inputs.attention_mask) mask = inputs.attention_mask->Get();
-          return runtime->Forward(inputs.pixel_values->Get(), ids, mask);
+          if (decoder_ids) decoder = decoder_ids->Get();
+          return runtime->Forward(inputs.pixel_values->Get(), ids, mask, decoder);
         },
         [](Napi::Env env, at::Tensor& logits) -> Napi::Value { return NativeTensor::NewInstance(env, logits); }, cancel);
   });
@@ -225,6 +243,17 @@ Napi::Value NativeBlip2Model::Dispose(const Napi::CallbackInfo& info) {
 Napi::Value NativeBlip2Model::GetDevice(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), device_); }
 
 Napi::Value NativeBlip2Model::GetDType(const Napi::CallbackInfo& info) { return Napi::String::New(info.Env(), dtype_); }
+
+Napi::Value NativeBlip2Model::Modules(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return GuardJs(env, [&]() -> Napi::Value {
+    auto runtime = Require();
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("imageEncoder", NativeScriptModule::Wrap(env, runtime->image_encoder()));
+    o.Set("languageModel", NativeScriptModule::Wrap(env, runtime->language_model()));
+    return o;
+  });
+}
 
 Napi::Value NativeBlip2Model::GetStats(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();

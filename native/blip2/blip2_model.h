@@ -25,6 +25,7 @@ class NativeBlip2Model : public Napi::ObjectWrap<NativeBlip2Model> {
   Napi::Value GetDType(const Napi::CallbackInfo& info);
   Napi::Value GetLinearKernels(const Napi::CallbackInfo& info);
   Napi::Value GetStats(const Napi::CallbackInfo& info);
+  Napi::Value Modules(const Napi::CallbackInfo& info);
   const std::shared_ptr<Blip2Runtime>& Require() const;
 
   std::shared_ptr<Blip2Runtime> runtime_;

@@ -41,7 +41,7 @@ static int64_t RequireIndex(Napi::Value value, const std::string& where) {
 
 // spec.weights = { files: [{ path, bytes }], tensors: [{ key, file, offset, nbytes, dtype, shape, keepFloat32 }] }
 // spec.modules = { imageEncoder: { path, parameters: [[name, tensorIndex], ...] }, languageModel: ... }
-static void ParseWeights(Napi::Object object, ModelSpec& spec) {
+static void ParseWeightFiles(Napi::Object object, ModelSpec& spec) {
   Napi::Object weights = RequireObject(object.Get("weights"), "spec.weights");
   Napi::Array files = RequireArray(weights, "files", "spec.weights");
   for (uint32_t i = 0; i < files.Length(); ++i) {
@@ -61,31 +61,47 @@ static void ParseWeights(Napi::Object object, ModelSpec& spec) {
     ref.keep_float32 = t.Get("keepFloat32").ToBoolean().Value();
     spec.weights.push_back(std::move(ref));
   }
+}
+
+static void ParseBindings(Napi::Object m, const std::string& where, ModelSpec::Module& out) {
+  Napi::Array parameters = RequireArray(m, "parameters", where);
+  for (uint32_t i = 0; i < parameters.Length(); ++i) {
+    Napi::Value item = parameters.Get(i);
+    if (!item.IsArray() || item.As<Napi::Array>().Length() != 2 || !item.As<Napi::Array>().Get(0u).IsString()) {
+      throw InvalidArgument(where + ".parameters[" + std::to_string(i) + "]", "not a [name, index] pair", "[string, integer]");
+    }
+    Napi::Array pair = item.As<Napi::Array>();
+    int64_t index = RequireIndex(pair.Get(1u), where + ".parameters[" + std::to_string(i) + "][1]");
+    out.bindings.push_back({pair.Get(0u).As<Napi::String>().Utf8Value(), static_cast<int>(index)});
+  }
+}
+
+static void ParseWeights(Napi::Object object, ModelSpec& spec) {
+  ParseWeightFiles(object, spec);
   Napi::Object modules = RequireObject(object.Get("modules"), "spec.modules");
   auto module = [&](const char* name, ModelSpec::Module& out) {
     std::string where = std::string("spec.modules.") + name;
     Napi::Object m = RequireObject(modules.Get(name), where);
     out.path = RequireString(m, "path");
-    Napi::Array parameters = RequireArray(m, "parameters", where);
-    for (uint32_t i = 0; i < parameters.Length(); ++i) {
-      Napi::Value item = parameters.Get(i);
-      if (!item.IsArray() || item.As<Napi::Array>().Length() != 2 || !item.As<Napi::Array>().Get(0u).IsString()) {
-        throw InvalidArgument(where + ".parameters[" + std::to_string(i) + "]", "not a [name, index] pair", "[string, integer]");
-      }
-      Napi::Array pair = item.As<Napi::Array>();
-      int64_t index = RequireIndex(pair.Get(1u), where + ".parameters[" + std::to_string(i) + "][1]");
-      out.bindings.push_back({pair.Get(0u).As<Napi::String>().Utf8Value(), static_cast<int>(index)});
-    }
+    ParseBindings(m, where, out);
   };
   module("imageEncoder", spec.image_encoder);
   module("languageModel", spec.language_model);
 }
 
+ModelSpec ModelSpec::WeightsFromJs(Napi::Object object, const std::string& path) {
+  ModelSpec spec;
+  ParseWeightFiles(object, spec);
+  spec.image_encoder.path = path;
+  ParseBindings(object, "bind", spec.image_encoder);
+  return spec;
+}
+
 ModelSpec ModelSpec::FromJs(Napi::Object object) {
   ModelSpec spec;
   spec.architecture = RequireString(object, "architecture");
-  if (spec.architecture != "opt") {
-    throw Error(ErrorCode::kModelLoad, "architecture '" + spec.architecture + "' is not supported by this runtime (only 'opt')");
+  if (spec.architecture != "opt" && spec.architecture != "t5") {
+    throw Error(ErrorCode::kModelLoad, "architecture '" + spec.architecture + "' is not supported by this runtime ('opt' or 't5')");
   }
   ParseWeights(object, spec);
   spec.device = RequireDevice(RequireString(object, "device"), "device");
@@ -102,7 +118,12 @@ ModelSpec ModelSpec::FromJs(Napi::Object object) {
   spec.num_query_tokens = RequireInt(object, "numQueryTokens", 1);
   spec.image_height = RequireInt(object, "imageHeight", 1);
   spec.image_width = RequireInt(object, "imageWidth", 1);
-  spec.bos_token_id = RequireInt(object, "bosTokenId", 0);
+  spec.bos_token_id = RequireInt(object, "bosTokenId", -1);
+  spec.eos_token_id = RequireInt(object, "eosTokenId", -1);
+  if (spec.encoder_decoder()) {
+    spec.decoder_start_token_id = RequireInt(object, "decoderStartTokenId", 0);
+    spec.max_encoder_length = RequireInt(object, "maxEncoderLength", 1);
+  }
   Napi::Value image_token = object.Get("imageTokenIndex");
   if (!image_token.IsNull() && !image_token.IsUndefined()) spec.image_token_index = RequireInt(object, "imageTokenIndex", 0);
   return spec;

@@ -28,13 +28,26 @@ Blip2Runtime::Blip2Runtime(ModelSpec spec, std::shared_ptr<LoadedModule> image_e
       language_model_(std::move(language_model)),
       embed_tokens_(language_model_->module.get_method("embed_tokens")),
       forward_full_(language_model_->module.get_method("forward_full")),
-      forward_cached_(language_model_->module.get_method("forward_cached")),
-      decode_(language_model_->module.get_method("decode")) {}
+      // T5 has no cached forward (its prompt goes through the encoder): decode stands in.
+      forward_cached_(language_model_->module.get_method(spec_.encoder_decoder() ? "decode" : "forward_cached")),
+      decode_(language_model_->module.get_method("decode")) {
+  if (spec_.encoder_decoder()) {
+    encode_ = language_model_->module.get_method("encode");
+    fill_cross_cache_ = language_model_->module.get_method("fill_cross_cache");
+  }
+}
 
 std::shared_ptr<Blip2Runtime> Blip2Runtime::Load(const ModelSpec& spec) {
   auto image_encoder = LoadedModule::Load(spec.image_encoder.path, spec.device);
   auto language_model = LoadedModule::Load(spec.language_model.path, spec.device);
-  for (const char* method : {"embed_tokens", "forward_full", "forward_cached", "decode"}) {
+  std::vector<const char*> required = {"embed_tokens", "forward_full", "decode"};
+  if (spec.encoder_decoder()) {
+    required.push_back("encode");
+    required.push_back("fill_cross_cache");
+  } else {
+    required.push_back("forward_cached");
+  }
+  for (const char* method : required) {
     if (!language_model->methods.count(method)) {
       throw Error(ErrorCode::kModelLoad,
                   "model file '" + spec.language_model.path + "' has no method '" + method +
@@ -71,7 +84,9 @@ void Blip2Runtime::ChooseLinearKernels() {
   linear_decisions_ = DecideLinearKernels(matrices, mode == "on" ? LinearKernelMode::kAlways : LinearKernelMode::kAuto);
   bool any = std::any_of(linear_decisions_.begin(), linear_decisions_.end(), [](const LinearDecision& d) { return d.use_kernel; });
   if (!any) return;
-  for (const char* method : {"decode", "forward_cached"}) UseBlip2Linear(language_model_->module, method);
+  for (const char* method : {"decode", "forward_cached"}) {
+    if (language_model_->methods.count(method)) UseBlip2Linear(language_model_->module, method);
+  }
 }
 
 at::Tensor Blip2Runtime::EncodeImages(const at::Tensor& pixel_values) {
@@ -82,9 +97,12 @@ at::Tensor Blip2Runtime::EncodeImages(const at::Tensor& pixel_values) {
 at::Tensor Blip2Runtime::ResolveInputIds(const std::optional<at::Tensor>& input_ids, int64_t batch) const {
   if (!input_ids) {
     // Hugging Face: caption from BOS alone, after the image placeholders when the model has them.
+    // T5 has no BOS: its tokenizer makes "" into [eos], which is what Blip2Processor gives for ''.
     std::vector<int64_t> start;
     if (spec_.image_token_index) start.assign(spec_.num_query_tokens, *spec_.image_token_index);
-    start.push_back(spec_.bos_token_id);
+    int64_t first = spec_.bos_token_id >= 0 ? spec_.bos_token_id : spec_.eos_token_id;
+    if (first >= 0) start.push_back(first);
+    if (start.empty()) throw InvalidArgument("inputs.inputIds", "missing", "input ids (this model has no default prompt)");
     return at::tensor(start, at::TensorOptions().dtype(at::kLong)).unsqueeze(0).repeat({batch, 1});
   }
   at::Tensor ids = input_ids->to(at::kCPU).to(at::kLong).contiguous();
@@ -170,7 +188,8 @@ PreparedPrompts Blip2Runtime::Prepare(const at::Tensor& query_embeds, const at::
 }
 
 at::Tensor Blip2Runtime::Forward(const at::Tensor& pixel_values, const std::optional<at::Tensor>& input_ids_arg,
-                                 const std::optional<at::Tensor>& attention_mask_arg) {
+                                 const std::optional<at::Tensor>& attention_mask_arg,
+                                 const std::optional<at::Tensor>& decoder_input_ids) {
   const int64_t batch = pixel_values.size(0);
   at::Tensor input_ids = ResolveInputIds(input_ids_arg, batch);
   at::Tensor attention_mask = ResolveAttentionMask(attention_mask_arg, input_ids);
@@ -192,11 +211,57 @@ at::Tensor Blip2Runtime::Forward(const at::Tensor& pixel_values, const std::opti
     embeds = at::cat({query_embeds.to(embeds.scalar_type()), embeds}, 1);
     mask = at::cat({at::ones({batch, spec_.num_query_tokens}, mask.options()), mask}, 1);
   }
+  if (spec_.encoder_decoder()) {
+    if (!decoder_input_ids) {
+      throw InvalidArgument("inputs.decoderInputIds", "missing",
+                            "decoder input ids [B, Td] for a T5 model's forward (transformers' T5 needs them or labels)");
+    }
+    at::Tensor decoder_ids = decoder_input_ids->to(at::kCPU).to(at::kLong);
+    if (decoder_ids.size(0) != batch) {
+      throw InvalidArgument("inputs.decoderInputIds", "a batch of " + std::to_string(decoder_ids.size(0)), "one row per image (" + std::to_string(batch) + ")");
+    }
+    if (decoder_ids.numel() > 0 && (decoder_ids.min().item<int64_t>() < 0 || decoder_ids.max().item<int64_t>() >= spec_.vocab_size)) {
+      throw InvalidArgument("inputs.decoderInputIds", "a tensor with ids outside the vocabulary", "token ids in [0, " + std::to_string(spec_.vocab_size) + ")");
+    }
+    return forward_full_({embeds, mask, decoder_ids.to(spec_.device)}).toTensor();
+  }
+  if (decoder_input_ids) {
+    throw InvalidArgument("inputs.decoderInputIds", "given", "no decoder input ids: this is a decoder-only (OPT) model");
+  }
   return forward_full_({embeds, mask}).toTensor();
 }
 
 std::vector<std::vector<int64_t>> Blip2Runtime::CacheShapes(int64_t slots, int64_t max_length) const {
-  return {{spec_.num_layers, 2, slots, spec_.num_heads, max_length, spec_.head_dim}};
+  std::vector<std::vector<int64_t>> shapes{{spec_.num_layers, 2, slots, spec_.num_heads, max_length, spec_.head_dim}};
+  if (spec_.encoder_decoder()) shapes.push_back({spec_.num_layers, 2, slots, spec_.num_heads, spec_.max_encoder_length, spec_.head_dim});
+  return shapes;
+}
+
+at::Tensor Blip2Runtime::EncodePrompts(SlotCache& cache, const std::vector<at::Tensor>& rows, const std::vector<int64_t>& slots) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  int64_t longest = 0;
+  for (const at::Tensor& r : rows) longest = std::max(longest, r.size(0));
+  if (longest > cache.length(1)) {
+    throw Error(ErrorCode::kInternal, "encoder input of " + std::to_string(longest) + " positions exceeds the cross cache");
+  }
+  for (int64_t s : slots) {
+    if (s < 0 || s >= cache.slots()) throw Error(ErrorCode::kInternal, "encode into slot " + std::to_string(s) + " outside the cache");
+  }
+  // Right padding with a mask: the real tokens' relative positions (all T5 sees) are unchanged.
+  at::Tensor embeds = at::zeros({n, longest, spec_.embed_dim}, rows.front().options());
+  std::vector<int64_t> mask_values(n * longest, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    embeds[i].narrow(0, 0, rows[i].size(0)).copy_(rows[i]);
+    for (int64_t t = 0; t < rows[i].size(0); ++t) mask_values[i * longest + t] = 1;
+  }
+  at::Tensor mask = at::tensor(mask_values, at::TensorOptions().dtype(at::kLong)).view({n, longest}).to(spec_.device);
+  at::Tensor slot_tensor = LongTensorOn(slots, spec_.device);
+  at::Tensor encoded = (*encode_)({embeds, mask}).toTensor();
+  (*fill_cross_cache_)({cache.tensor(1), encoded, slot_tensor});
+  at::Tensor start = at::full({n}, spec_.decoder_start_token_id, at::TensorOptions().dtype(at::kLong).device(spec_.device));
+  at::Tensor positions = at::zeros({n}, at::TensorOptions().dtype(at::kLong).device(spec_.device));
+  return decode_({cache.tensor(0), cache.tensor(1), start, slot_tensor, positions, int64_t{1}, mask, FirstSlotIfConsecutive(slots)})
+      .toTensor();
 }
 
 at::Tensor Blip2Runtime::PrefillChunk(SlotCache& cache, const at::Tensor& embeds, const std::vector<int64_t>& slots,
@@ -214,7 +279,8 @@ at::Tensor Blip2Runtime::PrefillChunk(SlotCache& cache, const at::Tensor& embeds
   return forward_cached_(std::move(args)).toTensor();
 }
 
-at::Tensor Blip2Runtime::Decode(SlotCache& cache, const at::Tensor& tokens, const std::vector<int64_t>& positions, int64_t kv_len) {
+at::Tensor Blip2Runtime::Decode(SlotCache& cache, const at::Tensor& tokens, const std::vector<int64_t>& positions, int64_t kv_len,
+                                const std::vector<int64_t>& encoder_lengths) {
   const int64_t n = static_cast<int64_t>(positions.size());
   if (n > cache.slots() || kv_len > cache.length()) {
     throw Error(ErrorCode::kInternal, "decode outside the cache: " + std::to_string(n) + " rows, kv_len " + std::to_string(kv_len));
@@ -224,6 +290,18 @@ at::Tensor Blip2Runtime::Decode(SlotCache& cache, const at::Tensor& tokens, cons
   }
   std::vector<int64_t> slots(n);
   for (int64_t i = 0; i < n; ++i) slots[i] = i;
+  if (spec_.encoder_decoder()) {
+    int64_t longest = 1;
+    for (int64_t e : encoder_lengths) longest = std::max(longest, e);
+    std::vector<int64_t> mask_values(n * longest, 0);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int64_t t = 0; t < encoder_lengths.at(i); ++t) mask_values[i * longest + t] = 1;
+    }
+    at::Tensor mask = at::tensor(mask_values, at::TensorOptions().dtype(at::kLong)).view({n, longest}).to(spec_.device);
+    return decode_({cache.tensor(0), cache.tensor(1), tokens, LongTensorOn(slots, spec_.device), LongTensorOn(positions, spec_.device),
+                    kv_len, mask, int64_t{0}})
+        .toTensor();
+  }
   std::vector<c10::IValue> args{cache.tensor(), tokens, LongTensorOn(slots, spec_.device), LongTensorOn(positions, spec_.device),
                                 kv_len, int64_t{0}};
   return decode_(std::move(args)).toTensor();

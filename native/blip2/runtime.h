@@ -28,6 +28,8 @@ class Blip2Runtime {
   static std::shared_ptr<Blip2Runtime> Load(const ModelSpec& spec);
 
   const ModelSpec& spec() const { return spec_; }
+  const std::shared_ptr<LoadedModule>& image_encoder() const { return image_encoder_; }
+  const std::shared_ptr<LoadedModule>& language_model() const { return language_model_; }
   // What the load-time timing chose for the language model's products (kernels/linear.h).
   const std::vector<LinearDecision>& linear_decisions() const { return linear_decisions_; }
 
@@ -37,9 +39,10 @@ class Blip2Runtime {
   at::Tensor ResolveInputIds(const std::optional<at::Tensor>& input_ids, int64_t batch) const;
   at::Tensor ResolveAttentionMask(const std::optional<at::Tensor>& attention_mask, const at::Tensor& input_ids) const;
   PreparedPrompts Prepare(const at::Tensor& query_embeds, const at::Tensor& input_ids, const at::Tensor& attention_mask);
-  // Hugging Face's forward: logits over the whole (uncompacted) sequence, [B, T(+Q), V] float32.
+  // Hugging Face's forward: logits over the whole (uncompacted) sequence, [B, T(+Q), V] float32;
+  // T5: over the decoder_input_ids, [B, Td, V].
   at::Tensor Forward(const at::Tensor& pixel_values, const std::optional<at::Tensor>& input_ids,
-                     const std::optional<at::Tensor>& attention_mask);
+                     const std::optional<at::Tensor>& attention_mask, const std::optional<at::Tensor>& decoder_input_ids);
 
   // The KV cache tensors' shapes for `slots` sequences of `max_length` positions.
   std::vector<std::vector<int64_t>> CacheShapes(int64_t slots, int64_t max_length) const;
@@ -47,8 +50,14 @@ class Blip2Runtime {
   // slots[i] and returns the logits of each row's token last[i], [N, V] float32.
   at::Tensor PrefillChunk(SlotCache& cache, const at::Tensor& embeds, const std::vector<int64_t>& slots,
                           const std::vector<int64_t>& start, const std::vector<int64_t>& last);
+  // T5: encodes each prompt (rows [T_b, D], together, right-padded), writes its cross-attention
+  // keys/values into slots[b] of the cross cache, and runs the decoder start token at position 0
+  // of the self cache; returns that step's logits [N, V] float32.
+  at::Tensor EncodePrompts(SlotCache& cache, const std::vector<at::Tensor>& rows, const std::vector<int64_t>& slots);
   // One token per running sequence, sequence i in slot i at positions[i]; [N, V] float32.
-  at::Tensor Decode(SlotCache& cache, const at::Tensor& tokens, const std::vector<int64_t>& positions, int64_t kv_len);
+  // encoder_lengths (T5): how many cross-cache positions of slot i are the prompt's.
+  at::Tensor Decode(SlotCache& cache, const at::Tensor& tokens, const std::vector<int64_t>& positions, int64_t kv_len,
+                    const std::vector<int64_t>& encoder_lengths);
 
  private:
   Blip2Runtime(ModelSpec spec, std::shared_ptr<LoadedModule> image_encoder, std::shared_ptr<LoadedModule> language_model);
@@ -64,6 +73,8 @@ class Blip2Runtime {
   torch::jit::Method forward_full_;
   torch::jit::Method forward_cached_;
   torch::jit::Method decode_;
+  std::optional<torch::jit::Method> encode_;            // T5
+  std::optional<torch::jit::Method> fill_cross_cache_;  // T5
   std::vector<LinearDecision> linear_decisions_;
 };
 

@@ -106,6 +106,7 @@ class Request {
   std::vector<at::Tensor> prompt_embeds;    // prompt b → [T_b, E]
   std::vector<int64_t> prompt_done;         // prompt b → positions prefilled
   std::vector<at::Tensor> prompt_logits;    // prompt b → [V] once prefilled
+  std::vector<int64_t> encoder_length;      // T5: prompt b → cross-cache positions it fills
 };
 
 namespace {
@@ -403,11 +404,27 @@ void Scheduler::Admit() {
       const auto& [ids, mask] = ids_and_masks[k];
       PreparedPrompts prompts = runtime_->Prepare(queries, ids, mask);
       int64_t longest = *std::max_element(prompts.lengths.begin(), prompts.lengths.end());
-      if (longest + r->options.max_new_tokens > options_.max_length) {
-        int64_t b = std::max_element(prompts.lengths.begin(), prompts.lengths.end()) - prompts.lengths.begin();
+      int64_t b_longest = std::max_element(prompts.lengths.begin(), prompts.lengths.end()) - prompts.lengths.begin();
+      const int64_t text_tokens = longest - spec.num_query_tokens;
+      if (spec.encoder_decoder() && longest > cache_->length(1)) {
         throw Error(ErrorCode::kInvalidArgument,
-                    "the prompt of row " + std::to_string(b) + " takes " + std::to_string(longest) + " positions (" +
-                        std::to_string(spec.num_query_tokens) + " image queries and " + std::to_string(longest - spec.num_query_tokens) +
+                    "the prompt of row " + std::to_string(b_longest) + " takes " + std::to_string(longest) + " encoder positions (" +
+                        std::to_string(spec.num_query_tokens) + " image queries and " + std::to_string(text_tokens) +
+                        " text tokens), more than the " + std::to_string(cache_->length(1)) + " the model's encoder cache holds (max_encoder_length)",
+                    {{"argument", "inputs.inputIds"}, {"value", std::to_string(longest) + " positions"},
+                     {"expected", "at most " + std::to_string(cache_->length(1)) + " positions"}});
+      }
+      // Decoder positions: OPT continues after the prompt; T5's decoder starts from its start token.
+      const int64_t decoder_prompt = spec.encoder_decoder() ? 1 : longest;
+      if (decoder_prompt + r->options.max_new_tokens > options_.max_length) {
+        if (spec.encoder_decoder()) {
+          throw InvalidArgument("maxNewTokens", std::to_string(r->options.max_new_tokens),
+                                "at most " + std::to_string(options_.max_length - 1) + " (the decoder positions a sequence may use, maxLength " +
+                                    std::to_string(options_.max_length) + ", less the start token)");
+        }
+        throw Error(ErrorCode::kInvalidArgument,
+                    "the prompt of row " + std::to_string(b_longest) + " takes " + std::to_string(longest) + " positions (" +
+                        std::to_string(spec.num_query_tokens) + " image queries and " + std::to_string(text_tokens) +
                         " text tokens); with maxNewTokens " + std::to_string(r->options.max_new_tokens) + " that is more than the " +
                         std::to_string(options_.max_length) + " positions a sequence may use (maxLength)",
                     {{"argument", "inputs.inputIds"},
@@ -415,11 +432,19 @@ void Scheduler::Admit() {
                      {"expected", "at most " + std::to_string(options_.max_length - r->options.max_new_tokens) +
                                       " positions with maxNewTokens " + std::to_string(r->options.max_new_tokens)}});
       }
-      r->group = std::make_unique<SequenceGroup>(r->options, ids, prompts.lengths, spec.vocab_size, spec.device);
+      if (spec.encoder_decoder()) {
+        // The decoder's own "prompt" is its start token: repetition penalty and the result see
+        // decoder ids only, as transformers does for encoder-decoder models.
+        at::Tensor start = at::full({batch, 1}, spec.decoder_start_token_id, at::TensorOptions().dtype(at::kLong));
+        r->group = std::make_unique<SequenceGroup>(r->options, start, std::vector<int64_t>(batch, 1), spec.vocab_size, spec.device);
+      } else {
+        r->group = std::make_unique<SequenceGroup>(r->options, ids, prompts.lengths, spec.vocab_size, spec.device);
+      }
       for (int64_t b = 0; b < batch; ++b) {
         r->prompt_embeds.push_back(prompts.inputs_embeds[b].narrow(0, 0, prompts.lengths[b]));
         r->prompt_done.push_back(0);
         r->prompt_logits.emplace_back();
+        r->encoder_length.push_back(0);
       }
       // Slots from the top: running sequences are kept at the bottom (Compact).
       r->slot_of.assign(r->group->sequences(), -1);
@@ -439,20 +464,26 @@ void Scheduler::Admit() {
 }
 
 std::vector<int64_t> Scheduler::SlotLengths(int64_t slot) const {
+  // Per cache tensor: the self-attention positions filled, and (T5) the cross-attention ones.
+  std::vector<int64_t> lengths(cache_->count(), 0);
   const Slot& s = slot_table_[slot];
-  int64_t length = 0;
-  if (s.owner != nullptr) {
-    const Request& r = *s.owner;
-    if (r.state == Request::State::kDecoding) {
-      length = r.group->length(s.sequence);
-    } else if (s.sequence % r.group->per_prompt() == 0) {
-      length = r.prompt_done[s.sequence / r.group->per_prompt()];  // the prompt's own slot
-    }
+  if (s.owner == nullptr) return lengths;
+  const Request& r = *s.owner;
+  const int64_t prompt = s.sequence / r.group->per_prompt();
+  if (r.state == Request::State::kDecoding) {
+    lengths[0] = r.group->length(s.sequence);
+  } else if (s.sequence % r.group->per_prompt() == 0 && !runtime_->spec().encoder_decoder()) {
+    lengths[0] = r.prompt_done[prompt];  // the prompt's own slot
   }
-  return std::vector<int64_t>(cache_->count(), length);
+  if (cache_->count() > 1) lengths[1] = r.encoder_length[prompt];
+  return lengths;
 }
 
 void Scheduler::Prefill() {
+  if (runtime_->spec().encoder_decoder()) {
+    PrefillEncoder();
+    return;
+  }
   struct Row {
     Request* request;
     int64_t prompt;
@@ -515,6 +546,55 @@ void Scheduler::Prefill() {
       r.prompt_logits[rows[i].prompt] = logits[static_cast<int64_t>(i)];
     }
   }
+  StartCompleted();
+}
+
+void Scheduler::PrefillEncoder() {
+  // T5: whole prompts through the encoder (it is bidirectional: no chunks), several per cycle up
+  // to the prefill budget, then the decoder's start token for each.
+  std::vector<std::pair<Request*, int64_t>> rows;
+  int64_t budget = options_.prefill_chunk;
+  for (auto& r : active_) {
+    if (r->state != Request::State::kPrefilling) continue;
+    for (size_t b = 0; b < r->prompt_done.size(); ++b) {
+      if (r->prompt_logits[b].defined()) continue;
+      if (!rows.empty() && r->prompt_embeds[b].size(0) > budget) break;
+      rows.emplace_back(r.get(), static_cast<int64_t>(b));
+      budget -= r->prompt_embeds[b].size(0);
+    }
+    if (budget <= 0) break;
+  }
+  if (rows.empty()) return;
+  std::vector<at::Tensor> embeds;
+  std::vector<int64_t> slots;
+  for (const auto& [r, b] : rows) {
+    embeds.push_back(r->prompt_embeds[b]);
+    slots.push_back(r->slot_of[b * r->group->per_prompt()]);
+  }
+  at::Tensor logits;
+  try {
+    logits = runtime_->EncodePrompts(*cache_, embeds, slots);
+  } catch (...) {
+    std::exception_ptr error = std::current_exception();
+    for (const auto& [request, b] : rows) {
+      for (auto& r : std::vector<std::shared_ptr<Request>>(active_)) {
+        if (r.get() == request) Finish(*r, error);
+      }
+    }
+    return;
+  }
+  for (size_t i = 0; i < rows.size(); ++i) {
+    auto [r, b] = rows[i];
+    if (r->settled) continue;
+    r->encoder_length[b] = r->prompt_embeds[b].size(0);
+    r->prompt_done[b] = r->encoder_length[b];
+    prefill_tokens_ += r->encoder_length[b];
+    r->prompt_logits[b] = logits[static_cast<int64_t>(i)];
+  }
+  StartCompleted();
+}
+
+void Scheduler::StartCompleted() {
   // Calls whose prompts are all in: first tokens, fan-out to their other sequences, decoding.
   for (auto& r : std::vector<std::shared_ptr<Request>>(active_)) {
     if (r->state != Request::State::kPrefilling) continue;
@@ -542,11 +622,14 @@ void Scheduler::Prefill() {
 void Scheduler::ApplyCopy(Request& request, const SequenceGroup::SlotCopy& copy) {
   if (copy.source.empty()) return;
   std::vector<int64_t> src, dst;
+  int64_t encoder = 0;
   for (size_t i = 0; i < copy.source.size(); ++i) {
     src.push_back(request.slot_of.at(copy.source[i]));
     dst.push_back(request.slot_of.at(copy.destination[i]));
+    encoder = std::max(encoder, request.encoder_length[copy.source[i] / request.group->per_prompt()]);
   }
-  for (size_t t = 0; t < cache_->count(); ++t) cache_->CopySlots(src, dst, copy.length, t);
+  cache_->CopySlots(src, dst, copy.length, 0);
+  if (cache_->count() > 1) cache_->CopySlots(src, dst, encoder, 1);  // T5: the prompt's cross-attention too
 }
 
 void Scheduler::ReleaseSlots(Request& request) {
@@ -607,15 +690,16 @@ void Scheduler::DecodeStep() {
   const int64_t n = running_count_;
   if (n == 0) return;
   auto started = std::chrono::steady_clock::now();
-  std::vector<int64_t> tokens(n), positions(n);
+  std::vector<int64_t> tokens(n), positions(n), encoder_lengths(n, 0);
   int64_t kv_len = 0;
   for (int64_t s = 0; s < n; ++s) {
     const Slot& slot = slot_table_[s];
     tokens[s] = slot.owner->group->next_token(slot.sequence);
     positions[s] = slot.owner->group->length(slot.sequence);
     kv_len = std::max(kv_len, positions[s] + 1);
+    if (cache_->count() > 1) encoder_lengths[s] = slot.owner->encoder_length[slot.sequence / slot.owner->group->per_prompt()];
   }
-  at::Tensor logits = runtime_->Decode(*cache_, LongOn(tokens, runtime_->spec().device), positions, kv_len);
+  at::Tensor logits = runtime_->Decode(*cache_, LongOn(tokens, runtime_->spec().device), positions, kv_len, encoder_lengths);
   decode_steps_ += 1;
   Stats::decode_steps += 1;
   largest_step_rows_ = std::max(largest_step_rows_, n);

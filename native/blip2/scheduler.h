@@ -101,6 +101,8 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
   void EnsureScheduled();  // caller holds mutex_
   void Admit();
   void Prefill();
+  void PrefillEncoder();   // T5
+  void StartCompleted();
   void DecodeStep();
   void Compact();
   void Finish(Request& request, std::exception_ptr failure);

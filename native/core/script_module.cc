@@ -1,9 +1,12 @@
 #include "core/script_module.h"
 
 #include <fstream>
+#include <optional>
 #include <sstream>
 
+#include "blip2/model_spec.h"
 #include "core/addon_data.h"
+#include "core/weights.h"
 #include "core/async.h"
 #include "core/cancel_token.h"
 #include "core/dtype.h"
@@ -194,12 +197,35 @@ Napi::Value NativeScriptModule::Load(const Napi::CallbackInfo& info) {
     std::string path = info[0].As<Napi::String>().Utf8Value();
     c10::Device device(c10::kCPU);
     if (info[1].IsString()) device = RequireDevice(info[1].As<Napi::String>().Utf8Value(), "device");
+    // Optional: a weight-free module of a model folder and the weights to bind into it.
+    std::optional<ModelSpec::Module> bind;
+    std::vector<std::pair<std::string, int64_t>> files;
+    std::vector<WeightRef> refs;
+    at::ScalarType dtype = at::kFloat;
+    if (info[2].IsObject()) {
+      Napi::Object b = info[2].As<Napi::Object>();
+      dtype = RequireDType(b.Get("dtype").ToString().Utf8Value(), "dtype");
+      ModelSpec parsed = ModelSpec::WeightsFromJs(b, path);
+      files = std::move(parsed.weight_files);
+      refs = std::move(parsed.weights);
+      bind = std::move(parsed.image_encoder);
+    }
     return RunAsync<std::shared_ptr<LoadedModule>>(
-        env, device, [path, device]() { return LoadedModule::Load(path, device); },
-        [](Napi::Env env, std::shared_ptr<LoadedModule>& loaded) -> Napi::Value {
-          return AddonData::Get(env)->module_constructor.New({Napi::External<std::shared_ptr<LoadedModule>>::New(env, &loaded)});
-        });
+        env, device,
+        [path, device, bind, files, refs, dtype]() {
+          auto loaded = LoadedModule::Load(path, device);
+          if (bind) {
+            WeightStore store(files, refs);
+            store.Bind(loaded->module, path, bind->bindings, device, dtype);
+          }
+          return loaded;
+        },
+        [](Napi::Env env, std::shared_ptr<LoadedModule>& loaded) -> Napi::Value { return NativeScriptModule::Wrap(env, loaded); });
   });
+}
+
+Napi::Object NativeScriptModule::Wrap(Napi::Env env, std::shared_ptr<LoadedModule> loaded) {
+  return AddonData::Get(env)->module_constructor.New({Napi::External<std::shared_ptr<LoadedModule>>::New(env, &loaded)});
 }
 
 Napi::Value NativeScriptModule::Call(const Napi::CallbackInfo& info) {
@@ -213,7 +239,7 @@ Napi::Value NativeScriptModule::Call(const Napi::CallbackInfo& info) {
     const auto& formals = schema.arguments();
     if (args.Length() > formals.size()) {
       throw InvalidArgument("args", std::to_string(args.Length()) + " arguments",
-                            "at most " + std::to_string(formals.size()) + " for " + method + schema.name() + " " + c10::toString(schema));
+                            "at most " + std::to_string(formals.size()) + " for " + c10::toString(schema));
     }
     std::vector<ScriptArg> converted;
     for (size_t i = 0; i < formals.size(); ++i) {

@@ -48,6 +48,8 @@ class NativeScriptModule : public Napi::ObjectWrap<NativeScriptModule> {
  public:
   static Napi::Function Init(Napi::Env env);
   explicit NativeScriptModule(const Napi::CallbackInfo& info);
+  // A JS handle on a module loaded elsewhere (a model's image encoder or language model).
+  static Napi::Object Wrap(Napi::Env env, std::shared_ptr<LoadedModule> loaded);
 
  private:
   static Napi::Value Load(const Napi::CallbackInfo& info);

@@ -93,6 +93,8 @@ Napi::Function NativeTensor::Init(Napi::Env env) {
           InstanceAccessor<&NativeTensor::GetDisposed>("disposed"),
           InstanceMethod<&NativeTensor::ToArray>("toArray"),
           InstanceMethod<&NativeTensor::To>("to"),
+          InstanceMethod<&NativeTensor::Narrow>("narrow"),
+          InstanceMethod<&NativeTensor::Select>("select"),
           InstanceMethod<&NativeTensor::Dispose>("dispose"),
       });
   AddonData::Get(env)->tensor_constructor = Napi::Persistent(ctor);
@@ -322,6 +324,52 @@ Napi::Value NativeTensor::To(const Napi::CallbackInfo& info) {
           if (source.device().is_cpu() && !device.is_cpu()) Stats::host_to_device_bytes += result.nbytes();
           return result;
         },
+        [](Napi::Env env, at::Tensor& result) -> Napi::Value { return NewInstance(env, std::move(result)); });
+  });
+}
+
+Napi::Value NativeTensor::Narrow(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return GuardJs(env, [&]() -> Napi::Value {
+    RequireLive();
+    auto integer = [&](size_t i, const char* name) {
+      double d = info[i].IsNumber() ? info[i].As<Napi::Number>().DoubleValue() : -1;
+      if (d < 0 || d != static_cast<double>(static_cast<int64_t>(d))) throw InvalidArgument(name, info[i].ToString().Utf8Value(), "an integer >= 0");
+      return static_cast<int64_t>(d);
+    };
+    const int64_t dim = integer(0, "dim"), start = integer(1, "start"), length = integer(2, "length");
+    const int64_t rank = static_cast<int64_t>(meta_.shape.size());
+    if (dim >= rank) throw InvalidArgument("dim", std::to_string(dim), "a dimension of this " + std::to_string(rank) + "-d tensor");
+    if (start + length > meta_.shape[dim]) {
+      throw InvalidArgument("length", std::to_string(length), "at most " + std::to_string(meta_.shape[dim] - start) +
+                            " (dimension " + std::to_string(dim) + " has " + std::to_string(meta_.shape[dim]) + ", from " + std::to_string(start) + ")");
+    }
+    auto box = box_;
+    // A view: no copy; it keeps the whole tensor alive.
+    return RunAsync<at::Tensor>(
+        env, meta_.device, [box, dim, start, length]() { return box->Get().narrow(dim, start, length); },
+        [](Napi::Env env, at::Tensor& result) -> Napi::Value { return NewInstance(env, std::move(result)); });
+  });
+}
+
+Napi::Value NativeTensor::Select(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return GuardJs(env, [&]() -> Napi::Value {
+    RequireLive();
+    auto integer = [&](size_t i, const char* name) {
+      double d = info[i].IsNumber() ? info[i].As<Napi::Number>().DoubleValue() : -1;
+      if (d < 0 || d != static_cast<double>(static_cast<int64_t>(d))) throw InvalidArgument(name, info[i].ToString().Utf8Value(), "an integer >= 0");
+      return static_cast<int64_t>(d);
+    };
+    const int64_t dim = integer(0, "dim"), index = integer(1, "index");
+    const int64_t rank = static_cast<int64_t>(meta_.shape.size());
+    if (dim >= rank) throw InvalidArgument("dim", std::to_string(dim), "a dimension of this " + std::to_string(rank) + "-d tensor");
+    if (index >= meta_.shape[dim]) {
+      throw InvalidArgument("index", std::to_string(index), "less than " + std::to_string(meta_.shape[dim]) + " (the size of dimension " + std::to_string(dim) + ")");
+    }
+    auto box = box_;
+    return RunAsync<at::Tensor>(
+        env, meta_.device, [box, dim, index]() { return box->Get().select(dim, index); },
         [](Napi::Env env, at::Tensor& result) -> Napi::Value { return NewInstance(env, std::move(result)); });
   });
 }

@@ -72,6 +72,8 @@ class NativeTensor : public Napi::ObjectWrap<NativeTensor> {
   Napi::Value GetDisposed(const Napi::CallbackInfo& info);
   Napi::Value ToArray(const Napi::CallbackInfo& info);
   Napi::Value To(const Napi::CallbackInfo& info);
+  Napi::Value Narrow(const Napi::CallbackInfo& info);
+  Napi::Value Select(const Napi::CallbackInfo& info);
   Napi::Value Dispose(const Napi::CallbackInfo& info);
 
   void Adopt(Napi::Env env, std::shared_ptr<TensorBox> box, const TensorMeta& meta);

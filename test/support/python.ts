@@ -68,3 +68,20 @@ export function smallModel(): string {
   }, exporterInputs());
   return cached('small-model', (out) => runExporter([checkpoint, out]), [path.join(checkpoint, 'model.safetensors')]);
 }
+
+export type HfTinyKind = 'opt' | 't5' | 'itm' | 'vision-proj' | 'text-proj';
+
+/**
+ * A tiny checkpoint made by transformers 5 itself (export/blip2_export/hf_tiny.py, with its
+ * reference outputs in reference.safetensors / reference.json) and its export, both cached.
+ */
+export function hfTinyModel(kind: HfTinyKind, seed = 5): { checkpoint: string; modelDir: string } {
+  const checkpoint = cached(`hf-${kind}-${seed}-checkpoint`, (out) => {
+    const result = spawnSync(pythonWithTorch(), ['-m', 'blip2_export.hf_tiny', out, '--kind', kind, '--seed', String(seed)], {
+      cwd: path.join(REPO_ROOT, 'export'), encoding: 'utf8',
+    });
+    if (result.status !== 0) throw new Error(`hf_tiny failed (${result.status}): ${result.stderr}`);
+  }, exporterInputs());
+  const modelDir = cached(`hf-${kind}-${seed}-model`, (out) => runExporter([checkpoint, out]), [path.join(checkpoint, 'model.safetensors')]);
+  return { checkpoint, modelDir };
+}

@@ -2,15 +2,18 @@
 import type {
   NativeBlip2Model, NativeCancelToken, NativeDType, NativeLinearDecision, NativeModelStats, NativeStepEvent,
 } from '../../../typings/binding';
-import { AbortError, DisposedError, InvalidArgumentError } from '../../errors';
+import { AbortError, DTypeError, DisposedError, InternalError, InvalidArgumentError, ModelLoadError, ShapeError } from '../../errors';
 import { type GenerateOptions, type GenerationStep, resolveGenerateOptions } from '../../generation/options';
 import { TextStreamer, type TokenDelta } from '../../generation/streaming';
 import { PreTrainedTokenizer } from '../../processing/tokenizer';
 import { binding } from '../../native/binding';
 import { requireSignal, withAbort } from '../../runtime/abort';
 import { requireDeviceString } from '../../runtime/device';
+import { ScriptModule, type ScriptOutput } from '../../runtime/script-module';
 import { Tensor } from '../../tensor/tensor';
-import { type Manifest, readModelFolder } from '../model-folder';
+import * as path from 'node:path';
+
+import { type Manifest, type ModelFolder, readModelFolder } from '../model-folder';
 import type { Blip2Config, GenerationConfig } from './configuration';
 
 /** Options of Blip2ForConditionalGeneration.fromPretrained(). */
@@ -47,6 +50,8 @@ export type ModelStats = NativeModelStats;
 export interface Blip2Inputs {
   /** [B, 3, H, W] float (Blip2Processor's pixelValues). */
   pixelValues: Tensor;
+  /** T5 models' forward(): [B, Td] int64 decoder input ids (transformers needs them or labels). */
+  decoderInputIds?: Tensor;
   /** [B, T] int64; omitted: caption from BOS (after the <image> placeholders when the model has them). */
   inputIds?: Tensor;
   /** [B, T] of 0/1, same shape as inputIds. */
@@ -87,43 +92,8 @@ export class Blip2ForConditionalGeneration {
 
   /** Loads a model folder made by `npx blip2 export` onto `options.device`. */
   static async fromPretrained(modelDir: string, options: FromPretrainedOptions = {}): Promise<Blip2ForConditionalGeneration> {
-    if (options === null || typeof options !== 'object') throw InvalidArgumentError.of('options', options, 'an object');
-    const device = requireDeviceString(options.device ?? 'cpu', 'device');
-    const signal = requireSignal(options.signal, 'signal');
-    if (options.dtype !== undefined && !['float32', 'float16', 'bfloat16'].includes(options.dtype)) {
-      throw InvalidArgumentError.of('dtype', options.dtype, "'float32', 'float16' or 'bfloat16'");
-    }
-    const folder = await readModelFolder(modelDir);
+    const { native, folder } = await loadRuntime(modelDir, options, 'Blip2ForConditionalGeneration');
     const { manifest } = folder;
-    if (manifest.architecture !== 'opt') {
-      throw InvalidArgumentError.of('modelDir', modelDir, `a model folder of architecture 'opt' (this one is '${manifest.architecture}')`);
-    }
-    const dtype: NativeDType = options.dtype ?? manifest.dtype;
-    const bos = manifest.special_tokens.bos_token_id ?? 0;
-    const scheduler = schedulerOptions(options, manifest, dtype, device);
-    const { weights, modules } = folder.nativeWeights(['image_encoder', 'language_model']);
-    const native = await withAbort(
-      signal,
-      (token) => NativeModel.load({
-        architecture: 'opt',
-        weights,
-        modules: { imageEncoder: modules.image_encoder, languageModel: modules.language_model },
-        device,
-        dtype,
-        numLayers: manifest.language_model.num_layers,
-        numHeads: manifest.language_model.num_heads,
-        headDim: manifest.language_model.head_dim,
-        embedDim: manifest.language_model.embed_dim,
-        vocabSize: manifest.vocab_size,
-        maxLength: manifest.max_length,
-        numQueryTokens: manifest.num_query_tokens,
-        imageHeight: manifest.image_size[0],
-        imageWidth: manifest.image_size[1],
-        imageTokenIndex: manifest.image_token_index,
-        bosTokenId: bos,
-      }, scheduler, token),
-      (late) => void late.dispose(),
-    );
     return new Blip2ForConditionalGeneration(native, modelDir, manifest, folder.config as Blip2Config, folder.generationConfig as GenerationConfig | null);
   }
 
@@ -154,7 +124,9 @@ export class Blip2ForConditionalGeneration {
   forward(inputs: Blip2Inputs, options: { signal?: AbortSignal } = {}): Promise<{ logits: Tensor<'float32'> }> {
     return this.#run(options.signal, async (token) => {
       const [pixels, ids, mask] = nativeInputs(inputs);
-      return { logits: Tensor.fromNative<'float32'>(await this.#native.forward(pixels, ids, mask, token)) };
+      const decoder = inputs.decoderInputIds === undefined || inputs.decoderInputIds === null
+        ? null : Tensor.native(inputs.decoderInputIds, 'inputs.decoderInputIds');
+      return { logits: Tensor.fromNative<'float32'>(await this.#native.forward(pixels, ids, mask, decoder, token)) };
     }, ({ logits }) => logits.dispose());
   }
 
@@ -347,6 +319,53 @@ export class Blip2ForConditionalGeneration {
   }
 }
 
+/** Loads the captioning runtime (modules, weights, scheduler and KV cache) of a folder serving `className`. */
+async function loadRuntime(modelDir: string, options: FromPretrainedOptions, className: string): Promise<{ native: NativeBlip2Model; folder: ModelFolder }> {
+  if (options === null || typeof options !== 'object') throw InvalidArgumentError.of('options', options, 'an object');
+    const device = requireDeviceString(options.device ?? 'cpu', 'device');
+  const signal = requireSignal(options.signal, 'signal');
+  if (options.dtype !== undefined && !['float32', 'float16', 'bfloat16'].includes(options.dtype)) {
+    throw InvalidArgumentError.of('dtype', options.dtype, "'float32', 'float16' or 'bfloat16'");
+  }
+  const folder = await readModelFolder(modelDir);
+  const { manifest } = folder;
+  requireClass(folder, className);
+  const architecture = manifest.architecture as 'opt' | 't5';
+  const dtype: NativeDType = options.dtype ?? manifest.dtype;
+  const bos = manifest.special_tokens.bos_token_id ?? -1;
+  const eos = manifest.special_tokens.eos_token_id?.[0] ?? -1;
+  const scheduler = schedulerOptions(options, manifest, dtype, device);
+  const { weights, modules } = folder.nativeWeights(['image_encoder', 'language_model']);
+  const native = await withAbort(
+    signal,
+    (token) => NativeModel.load({
+      architecture,
+      weights,
+      modules: { imageEncoder: modules.image_encoder, languageModel: modules.language_model },
+      device,
+      dtype,
+      numLayers: manifest.language_model.num_layers,
+      numHeads: manifest.language_model.num_heads,
+      headDim: manifest.language_model.head_dim,
+      embedDim: manifest.language_model.embed_dim,
+      vocabSize: manifest.vocab_size,
+      maxLength: manifest.max_length,
+      numQueryTokens: manifest.num_query_tokens,
+      imageHeight: (manifest.image_size as [number, number])[0],
+      imageWidth: (manifest.image_size as [number, number])[1],
+      imageTokenIndex: manifest.image_token_index,
+      bosTokenId: bos,
+      eosTokenId: eos,
+      ...(architecture === 't5' ? {
+        decoderStartTokenId: manifest.special_tokens.decoder_start_token_id ?? manifest.special_tokens.pad_token_id ?? 0,
+        maxEncoderLength: manifest.max_encoder_length as number,
+      } : {}),
+    }, scheduler, token),
+    (late) => void late.dispose(),
+  );
+  return { native, folder };
+}
+
 const DEFAULT_KV_CACHE_MAX_BYTES = 8 * 1024 ** 3;
 const DTYPE_BYTES: Record<string, number> = { float32: 4, float16: 2, bfloat16: 2 };
 
@@ -358,7 +377,9 @@ function positiveInteger(name: string, value: unknown, fallback: number, min = 1
 
 /** The scheduler's options from fromPretrained's, with the KV cache sized within kvCacheMaxBytes. */
 function schedulerOptions(options: FromPretrainedOptions, manifest: Manifest, dtype: NativeDType, device: string) {
-  const maxLength = positiveInteger('maxLength', options.maxLength, Math.min(manifest.max_length, 512), manifest.num_query_tokens + 2);
+  // OPT's sequence holds the image queries and the prompt too; T5's decoder only its start token.
+  const minLength = manifest.architecture === 't5' ? 2 : manifest.num_query_tokens + 2;
+  const maxLength = positiveInteger('maxLength', options.maxLength, Math.min(manifest.max_length, 512), minLength);
   if (maxLength > manifest.max_length) {
     throw InvalidArgumentError.of('maxLength', maxLength, `at most ${manifest.max_length} (the export's max_length)`);
   }
@@ -367,13 +388,25 @@ function schedulerOptions(options: FromPretrainedOptions, manifest: Manifest, dt
   const prefillChunk = positiveInteger('prefillChunk', options.prefillChunk, device === 'cpu' ? 64 : 512);
   const kvCacheMaxBytes = positiveInteger('kvCacheMaxBytes', options.kvCacheMaxBytes, DEFAULT_KV_CACHE_MAX_BYTES);
   const lm = manifest.language_model;
-  const bytesPerSlot = lm.num_layers * 2 * lm.num_heads * maxLength * lm.head_dim * DTYPE_BYTES[dtype];
+  // T5 keeps each slot's cross-attention keys/values too (max_encoder_length positions).
+  const positions = maxLength + (manifest.architecture === 't5' ? manifest.max_encoder_length ?? 0 : 0);
+  const bytesPerSlot = lm.num_layers * 2 * lm.num_heads * positions * lm.head_dim * DTYPE_BYTES[dtype];
   const slots = Math.min(maxBatchSize, Math.floor(kvCacheMaxBytes / bytesPerSlot));
   if (slots < 1) {
     throw InvalidArgumentError.of('kvCacheMaxBytes', kvCacheMaxBytes,
       `at least ${bytesPerSlot} (one sequence of maxLength ${maxLength} needs that much KV cache; lower maxLength or raise kvCacheMaxBytes)`);
   }
   return { slots, maxLength, maxQueue, prefillChunk };
+}
+
+/** A ModelLoadError unless the folder's manifest lists `name` among the classes it serves. */
+export function requireClass(folder: ModelFolder, name: string): void {
+  if (!folder.manifest.classes.includes(name)) {
+    throw new ModelLoadError(
+      `model folder '${folder.dir}' cannot be loaded as ${name}: it was exported from a ${folder.manifest.checkpoint_class ?? folder.manifest.architecture} checkpoint and serves ${folder.manifest.classes.join(', ')}`,
+      { file: path.join(folder.dir, 'manifest.json') },
+    );
+  }
 }
 
 function nativeInputs(inputs: Blip2Inputs) {
@@ -383,4 +416,547 @@ function nativeInputs(inputs: Blip2Inputs) {
     inputs.inputIds === undefined || inputs.inputIds === null ? null : Tensor.native(inputs.inputIds, 'inputs.inputIds'),
     inputs.attentionMask === undefined || inputs.attentionMask === null ? null : Tensor.native(inputs.attentionMask, 'inputs.attentionMask'),
   ] as const;
+}
+
+// ------------------------------------------------------------------------------------------------
+// The rest of the family: feature models, retrieval, projections. Each loads only the modules it
+// needs, with the folder's weights bound (views of the mapped files on the CPU, no copy).
+
+/** Options of the feature and retrieval models' fromPretrained(). */
+export interface FeatureModelOptions {
+  /** 'cpu' (default), 'cuda' or 'cuda:N'. */
+  device?: string;
+  /** Run in another dtype than the export's; default: the export's dtype (manifest.json). */
+  dtype?: 'float32' | 'float16' | 'bfloat16';
+  /** Aborts the load (default: none). */
+  signal?: AbortSignal;
+}
+
+/** Per-call options of the feature and retrieval models. */
+export interface CallOptions {
+  /** Aborts the call; it then rejects with AbortError (default: none). */
+  signal?: AbortSignal;
+}
+
+/** transformers' BaseModelOutputWithPooling. */
+export interface ModelOutputWithPooling {
+  /** [B, P, D]: the last layer's hidden states. */
+  lastHiddenState: Tensor;
+  /** [B, D]: the vision model's pooled CLS row (post_layernorm applied again, as transformers), or the Q-Former's first row. */
+  poolerOutput: Tensor;
+}
+
+interface LoadedModules {
+  folder: ModelFolder;
+  device: string;
+  dtype: NativeDType;
+  modules: Record<string, ScriptModule>;
+}
+
+async function loadModules(modelDir: string, className: string, names: string[], options: FeatureModelOptions): Promise<LoadedModules> {
+  if (options === null || typeof options !== 'object') throw InvalidArgumentError.of('options', options, 'an object');
+  const device = requireDeviceString(options.device ?? 'cpu', 'device');
+  const signal = requireSignal(options.signal, 'signal');
+  if (options.dtype !== undefined && !['float32', 'float16', 'bfloat16'].includes(options.dtype)) {
+    throw InvalidArgumentError.of('dtype', options.dtype, "'float32', 'float16' or 'bfloat16'");
+  }
+  const folder = await readModelFolder(modelDir);
+  requireClass(folder, className);
+  const dtype: NativeDType = options.dtype ?? folder.manifest.dtype;
+  const modules: Record<string, ScriptModule> = {};
+  try {
+    for (const name of names) {
+      const { weights, modules: specs } = folder.nativeWeights([name]);
+      modules[name] = await ScriptModule.loadWithWeights(specs[name].path, device, { weights, dtype, parameters: specs[name].parameters }, signal);
+    }
+  } catch (e) {
+    for (const m of Object.values(modules)) m.dispose();
+    throw e;
+  }
+  return { folder, device, dtype, modules };
+}
+
+/** The one module of a folder that has the vision model and Q-Former: image_encoder.pt, or retrieval.pt for retrieval checkpoints. */
+function visionModuleName(manifest: Manifest): string {
+  return manifest.modules.image_encoder ? 'image_encoder' : 'retrieval';
+}
+
+function tensors(value: ScriptOutput, what: string): Tensor[] {
+  const list = Array.isArray(value) ? value : [value];
+  if (!list.every((v) => v instanceof Tensor)) throw new InternalError(`${what} returned something other than tensors`);
+  return list as Tensor[];
+}
+
+function requireTensor(value: unknown, argument: string, rank: number, what: string): Tensor {
+  if (!(value instanceof Tensor)) throw InvalidArgumentError.of(argument, value, `a Tensor ${what}`);
+  if (value.disposed) throw new DisposedError(`argument '${argument}' is a Tensor that has been disposed`);
+  if (value.shape.length !== rank) {
+    throw new ShapeError(`argument '${argument}' has shape [${value.shape.join(', ')}]; expected ${what}`, { argument, value: `[${value.shape.join(', ')}]`, expected: what });
+  }
+  return value;
+}
+
+function requirePixels(value: unknown, manifest: Manifest, argument = 'inputs.pixelValues'): Tensor {
+  const [h, w] = manifest.image_size ?? [0, 0];
+  const pixels = requireTensor(value, argument, 4, `[B, 3, ${h}, ${w}] (Blip2Processor's pixelValues)`);
+  if (pixels.shape[1] !== 3 || pixels.shape[2] !== h || pixels.shape[3] !== w || pixels.shape[0] < 1) {
+    throw new ShapeError(`argument '${argument}' has shape [${pixels.shape.join(', ')}]; expected [B, 3, ${h}, ${w}] (the model's image size)`,
+      { argument, value: `[${pixels.shape.join(', ')}]`, expected: `[B, 3, ${h}, ${w}]` });
+  }
+  if (!['float32', 'float16', 'bfloat16', 'float64'].includes(pixels.dtype)) {
+    throw new DTypeError(`argument '${argument}' has dtype ${pixels.dtype}; expected a float dtype`, { argument, value: pixels.dtype, expected: 'float32, float16 or bfloat16' });
+  }
+  return pixels;
+}
+
+/** int64 ids [B, T] and their mask (all ones when absent), checked against each other and a length bound. */
+async function requireText(inputIds: unknown, attentionMask: unknown, device: string, maxLength: number | undefined, limitName: string): Promise<[Tensor, Tensor]> {
+  let ids = requireTensor(inputIds, 'inputs.inputIds', 2, '[B, T] of token ids');
+  if (ids.dtype !== 'int64' && ids.dtype !== 'int32') {
+    throw new DTypeError(`argument 'inputs.inputIds' has dtype ${ids.dtype}; expected int64`, { argument: 'inputs.inputIds', value: ids.dtype, expected: 'int64' });
+  }
+  const [b, t] = ids.shape;
+  if (maxLength !== undefined && t > maxLength) {
+    throw new InvalidArgumentError(`argument 'inputs.inputIds' has ${t} tokens per row; expected at most ${maxLength} (${limitName})`,
+      { argument: 'inputs.inputIds', value: `${t} tokens`, expected: `at most ${maxLength}` });
+  }
+  if (ids.dtype !== 'int64') ids = await ids.to({ dtype: 'int64' });
+  if (ids.device !== device) ids = await ids.to({ device });
+  let mask: Tensor;
+  if (attentionMask === undefined || attentionMask === null) {
+    mask = Tensor.from(new BigInt64Array(b * t).fill(1n), [b, t], { device });
+  } else {
+    mask = requireTensor(attentionMask, 'inputs.attentionMask', 2, `[${b}, ${t}] of 0 and 1`);
+    if (mask.shape[0] !== b || mask.shape[1] !== t) {
+      throw new ShapeError(`argument 'inputs.attentionMask' has shape [${mask.shape.join(', ')}] but 'inputs.inputIds' has [${b}, ${t}]; expected the same shape`,
+        { argument: 'inputs.attentionMask', value: `[${mask.shape.join(', ')}]`, expected: `[${b}, ${t}]` });
+    }
+    if (mask.dtype !== 'int64') mask = await mask.to({ dtype: 'int64' });
+    if (mask.device !== device) mask = await mask.to({ device });
+  }
+  return [ids, mask];
+}
+
+/** Runs `body` with the call's AbortSignal; a result that arrives after an abort is disposed. */
+function callWith<T>(options: CallOptions | undefined, body: () => Promise<T>, discard: (late: T) => void): Promise<T> {
+  try {
+    if (options !== undefined && (options === null || typeof options !== 'object')) throw InvalidArgumentError.of('options', options, 'an object');
+    const signal = requireSignal(options?.signal, 'signal');
+    return withAbort(signal, () => body(), discard);
+  } catch (e) {
+    return Promise.reject(e);
+  }
+}
+
+function disposeAll(value: unknown): void {
+  if (value instanceof Tensor) value.dispose();
+  else if (value && typeof value === 'object') for (const v of Object.values(value)) disposeAll(v);
+}
+
+/** Base of the feature models: a folder's modules, disposal, device and dtype. */
+abstract class FolderModel {
+  readonly manifest: Manifest;
+  readonly modelDir: string;
+  readonly #modules: Record<string, ScriptModule>;
+  readonly #device: string;
+  readonly #dtype: NativeDType;
+
+  protected constructor(loaded: LoadedModules) {
+    this.manifest = loaded.folder.manifest;
+    this.modelDir = loaded.folder.dir;
+    this.#modules = loaded.modules;
+    this.#device = loaded.device;
+    this.#dtype = loaded.dtype;
+  }
+
+  /** 'cpu' or 'cuda:N'. */
+  get device(): string {
+    return this.#device;
+  }
+  /** The dtype the model runs in. */
+  get dtype(): 'float32' | 'float16' | 'bfloat16' {
+    return this.#dtype as 'float32' | 'float16' | 'bfloat16';
+  }
+
+  protected module(name: string): ScriptModule {
+    const m = this.#modules[name];
+    if (!m) throw new InternalError(`no module ${name}`);
+    return m;
+  }
+
+  /** Frees the model's modules (their weights go once no running call uses them). */
+  async dispose(): Promise<void> {
+    for (const m of Object.values(this.#modules)) m.dispose();
+  }
+
+  /** dispose(), for `using` declarations. */
+  [Symbol.dispose](): void {
+    void this.dispose();
+  }
+
+  /** dispose(), for `await using` declarations. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.dispose();
+  }
+}
+
+/** transformers' Blip2VisionModel: the ViT image encoder. */
+export class Blip2VisionModel extends FolderModel {
+  private constructor(loaded: LoadedModules) {
+    super(loaded);
+  }
+
+  /** Loads the vision model of a folder that serves Blip2VisionModel (any BLIP-2 folder with images). */
+  static async fromPretrained(modelDir: string, options: FeatureModelOptions = {}): Promise<Blip2VisionModel> {
+    const folder = await readModelFolder(modelDir);
+    return new Blip2VisionModel(await loadModules(modelDir, 'Blip2VisionModel', [visionModuleName(folder.manifest)], options));
+  }
+
+  /** `{ lastHiddenState [B, P+1, Dv], poolerOutput [B, Dv] }` for `pixelValues` [B, 3, H, W]. */
+  forward(inputs: { pixelValues: Tensor }, options?: CallOptions): Promise<ModelOutputWithPooling> {
+    return callWith(options, async () => {
+      const pixels = requirePixels(inputs?.pixelValues, this.manifest);
+      const [lastHiddenState, poolerOutput] = tensors(await this.module(visionModuleName(this.manifest)).call('vision_model', [pixels]), 'vision_model');
+      return { lastHiddenState, poolerOutput };
+    }, disposeAll);
+  }
+}
+
+/** transformers' Blip2QFormerModel: the Querying Transformer over image features. */
+export class Blip2QFormerModel extends FolderModel {
+  private constructor(loaded: LoadedModules) {
+    super(loaded);
+  }
+
+  /** Loads the Q-Former of a folder that serves Blip2QFormerModel. */
+  static async fromPretrained(modelDir: string, options: FeatureModelOptions = {}): Promise<Blip2QFormerModel> {
+    const folder = await readModelFolder(modelDir);
+    return new Blip2QFormerModel(await loadModules(modelDir, 'Blip2QFormerModel', [visionModuleName(folder.manifest)], options));
+  }
+
+  /**
+   * transformers' Blip2QFormerModel.forward with query embeddings: every position is a query
+   * (cross-attends the image). `encoderAttentionMask` [B, P] defaults to all ones.
+   * Returns `{ lastHiddenState [B, Q, Dq], poolerOutput [B, Dq] }` (float32 when the Q-Former is kept in float32).
+   */
+  forward(inputs: { queryEmbeds: Tensor; encoderHiddenStates: Tensor; encoderAttentionMask?: Tensor }, options?: CallOptions): Promise<ModelOutputWithPooling> {
+    return callWith(options, async () => {
+      if (inputs === null || typeof inputs !== 'object') throw InvalidArgumentError.of('inputs', inputs, 'an object { queryEmbeds, encoderHiddenStates, encoderAttentionMask? }');
+      const q = this.manifest.qformer;
+      const query = requireTensor(inputs.queryEmbeds, 'inputs.queryEmbeds', 3, `[B, Q, ${q.hidden_size}]`);
+      const encoder = requireTensor(inputs.encoderHiddenStates, 'inputs.encoderHiddenStates', 3, `[B, P, ${q.encoder_hidden_size ?? this.manifest.vision?.hidden_size}]`);
+      if (query.shape[2] !== q.hidden_size) {
+        throw new ShapeError(`argument 'inputs.queryEmbeds' has shape [${query.shape.join(', ')}]; expected [B, Q, ${q.hidden_size}] (the Q-Former's hidden size)`,
+          { argument: 'inputs.queryEmbeds', value: `[${query.shape.join(', ')}]`, expected: `[B, Q, ${q.hidden_size}]` });
+      }
+      const width = q.encoder_hidden_size ?? this.manifest.vision?.hidden_size;
+      if (encoder.shape[0] !== query.shape[0] || (width !== undefined && encoder.shape[2] !== width)) {
+        throw new ShapeError(`argument 'inputs.encoderHiddenStates' has shape [${encoder.shape.join(', ')}]; expected [${query.shape[0]}, P, ${width}] (one row per query row, the vision width)`,
+          { argument: 'inputs.encoderHiddenStates', value: `[${encoder.shape.join(', ')}]`, expected: `[${query.shape[0]}, P, ${width}]` });
+      }
+      let mask: Tensor;
+      if (inputs.encoderAttentionMask === undefined || inputs.encoderAttentionMask === null) {
+        mask = Tensor.from(new BigInt64Array(encoder.shape[0] * encoder.shape[1]).fill(1n), [encoder.shape[0], encoder.shape[1]], { device: this.device });
+      } else {
+        mask = requireTensor(inputs.encoderAttentionMask, 'inputs.encoderAttentionMask', 2, `[${encoder.shape[0]}, ${encoder.shape[1]}]`);
+        if (mask.shape[0] !== encoder.shape[0] || mask.shape[1] !== encoder.shape[1]) {
+          throw new ShapeError(`argument 'inputs.encoderAttentionMask' has shape [${mask.shape.join(', ')}]; expected [${encoder.shape[0]}, ${encoder.shape[1]}]`,
+            { argument: 'inputs.encoderAttentionMask', value: `[${mask.shape.join(', ')}]`, expected: `[${encoder.shape[0]}, ${encoder.shape[1]}]` });
+        }
+        if (mask.dtype !== 'int64') mask = await mask.to({ dtype: 'int64' });
+      }
+      const [lastHiddenState, poolerOutput] = tensors(await this.module(visionModuleName(this.manifest)).call('qformer_forward', [query, encoder, mask]), 'qformer_forward');
+      return { lastHiddenState, poolerOutput };
+    }, disposeAll);
+  }
+}
+
+/** transformers' Blip2Model: the whole model with its feature methods (no generation; see Blip2ForConditionalGeneration). */
+export class Blip2Model {
+  readonly manifest: Manifest;
+  readonly #native: NativeBlip2Model;
+  readonly #imageEncoder: ScriptModule;
+  readonly #languageModel: ScriptModule;
+
+  private constructor(native: NativeBlip2Model, manifest: Manifest) {
+    this.#native = native;
+    this.manifest = manifest;
+    const { imageEncoder, languageModel } = native.modules();
+    this.#imageEncoder = ScriptModule.fromNative(imageEncoder);
+    this.#languageModel = ScriptModule.fromNative(languageModel);
+  }
+
+  /** Loads a folder that serves Blip2Model (OPT and Flan-T5 BLIP-2 checkpoints). */
+  static async fromPretrained(modelDir: string, options: FeatureModelOptions = {}): Promise<Blip2Model> {
+    // The same runtime as captioning (its modules, weights and forward), with a one-slot cache:
+    // Blip2Model does not generate.
+    const { native, folder } = await loadRuntime(modelDir, { ...options, maxBatchSize: 1 }, 'Blip2Model');
+    return new Blip2Model(native, folder.manifest);
+  }
+
+  /** 'cpu' or 'cuda:N'. */
+  get device(): string {
+    return this.#native.device;
+  }
+
+  /** transformers' get_image_features (5.x): the vision model's outputs. */
+  getImageFeatures(inputs: { pixelValues: Tensor }, options?: CallOptions): Promise<ModelOutputWithPooling> {
+    return callWith(options, async () => {
+      const pixels = requirePixels(inputs?.pixelValues, this.manifest);
+      const [lastHiddenState, poolerOutput] = tensors(await this.#imageEncoder.call('vision_model', [pixels]), 'vision_model');
+      return { lastHiddenState, poolerOutput };
+    }, disposeAll);
+  }
+
+  /** transformers' get_qformer_features: the Q-Former's query outputs, `{ lastHiddenState [B, Q, Dq], poolerOutput [B, Dq] }`. */
+  getQformerFeatures(inputs: { pixelValues: Tensor }, options?: CallOptions): Promise<ModelOutputWithPooling> {
+    return callWith(options, async () => {
+      const pixels = requirePixels(inputs?.pixelValues, this.manifest);
+      const [vision, visionPooled] = tensors(await this.#imageEncoder.call('vision_model', [pixels]), 'vision_model');
+      visionPooled.dispose();
+      const [lastHiddenState] = tensors(await this.#imageEncoder.call('qformer', [vision]), 'qformer');
+      vision.dispose();
+      // transformers' Q-Former pooler output is the first query's hidden state.
+      const poolerOutput = await lastHiddenState.select(1, 0);
+      return { lastHiddenState, poolerOutput };
+    }, disposeAll);
+  }
+
+  /**
+   * transformers' get_text_features (5.x): the language model's last hidden states for the text
+   * alone, `{ lastHiddenState [B, T, E] }` (T5: its encoder's). Positions the mask hides hold no
+   * meaningful values.
+   */
+  getTextFeatures(inputs: { inputIds: Tensor; attentionMask?: Tensor }, options?: CallOptions): Promise<{ lastHiddenState: Tensor }> {
+    return callWith(options, async () => {
+      if (inputs === null || typeof inputs !== 'object') throw InvalidArgumentError.of('inputs', inputs, 'an object { inputIds, attentionMask? }');
+      const [ids, mask] = await requireText(inputs.inputIds, inputs.attentionMask, this.device, this.manifest.max_length, "the language model's positions");
+      const [lastHiddenState] = tensors(await this.#languageModel.call('text_hidden_states', [ids, mask]), 'text_hidden_states');
+      return { lastHiddenState };
+    }, disposeAll);
+  }
+
+  /**
+   * transformers' Blip2Model.forward: `logits` (as Blip2ForConditionalGeneration.forward) with
+   * the vision and Q-Former outputs.
+   */
+  forward(inputs: Blip2Inputs, options?: CallOptions): Promise<{ logits: Tensor<'float32'>; visionOutputs: ModelOutputWithPooling; qformerOutputs: ModelOutputWithPooling }> {
+    return callWith(options, async () => {
+      const [pixels, ids, mask] = nativeInputs(inputs);
+      const decoder = inputs.decoderInputIds ? Tensor.native(inputs.decoderInputIds, 'inputs.decoderInputIds') : null;
+      const logits = Tensor.fromNative<'float32'>(await this.#native.forward(pixels, ids, mask, decoder));
+      const visionOutputs = await this.getImageFeatures({ pixelValues: inputs.pixelValues });
+      const qformerOutputs = await this.getQformerFeatures({ pixelValues: inputs.pixelValues });
+      return { logits, visionOutputs, qformerOutputs };
+    }, disposeAll);
+  }
+
+  /** Frees the model (see Blip2ForConditionalGeneration.dispose). */
+  dispose(): Promise<void> {
+    this.#imageEncoder.dispose();
+    this.#languageModel.dispose();
+    return this.#native.dispose();
+  }
+
+  /** dispose(), for `using` declarations. */
+  [Symbol.dispose](): void {
+    void this.dispose();
+  }
+
+  /** dispose(), for `await using` declarations. */
+  [Symbol.asyncDispose](): Promise<void> {
+    return this.dispose();
+  }
+}
+
+/** Strips the num_query_tokens <image> ids a Blip2Processor puts before each text, as transformers' retrieval models do. */
+async function textOnly(ids: Tensor, mask: Tensor, manifest: Manifest): Promise<[Tensor, Tensor]> {
+  const q = manifest.num_query_tokens;
+  const image = manifest.image_token_index;
+  if (image === null || ids.shape[1] < q) return [ids, mask];
+  const rows = (await ids.toList()) as unknown as bigint[];
+  const width = ids.shape[1];
+  const leading = Array.from({ length: ids.shape[0] }, (_, r) => rows.slice(r * width, r * width + q).every((v) => Number(v) === image));
+  if (leading.every((x) => x)) return [await ids.narrow(1, q, width - q), await mask.narrow(1, q, width - q)];
+  if (leading.some((x) => x)) {
+    throw new InvalidArgumentError(`argument 'inputs.inputIds' has ${q} <image> tokens in front of some rows only; expected all rows with them (Blip2Processor) or none`,
+      { argument: 'inputs.inputIds', expected: 'the same layout in every row' });
+  }
+  return [ids, mask];
+}
+
+/** What Blip2ForImageTextRetrieval.forward returns (transformers' Blip2ImageTextMatchingModelOutput). */
+export interface ImageTextRetrievalOutput {
+  /** ITM: [B, 2] float32 (not-match, match) logits per image-text pair; ITC: [B, Bt] similarities (max over queries). */
+  logitsPerImage: Tensor<'float32'>;
+  /** Its transpose. */
+  logitsPerText: Tensor<'float32'>;
+  /** ITC only: [Bt, Dp] normalised text embeddings (the [CLS] row). */
+  textEmbeds?: Tensor;
+  /** ITC only: [B, Q, Dp] normalised query embeddings of each image. */
+  imageEmbeds?: Tensor;
+}
+
+/**
+ * transformers' Blip2ForImageTextRetrieval: image-text matching (the ITM head) and contrastive
+ * similarity (ITC), plus rank() for N texts against M images.
+ */
+export class Blip2ForImageTextRetrieval extends FolderModel {
+  private constructor(loaded: LoadedModules) {
+    super(loaded);
+  }
+
+  /** Loads a folder exported from a Blip2ForImageTextRetrieval checkpoint. */
+  static async fromPretrained(modelDir: string, options: FeatureModelOptions = {}): Promise<Blip2ForImageTextRetrieval> {
+    return new Blip2ForImageTextRetrieval(await loadModules(modelDir, 'Blip2ForImageTextRetrieval', ['retrieval'], options));
+  }
+
+  async #text(inputs: { inputIds: Tensor; attentionMask?: Tensor }): Promise<[Tensor, Tensor]> {
+    if (inputs === null || typeof inputs !== 'object') throw InvalidArgumentError.of('inputs', inputs, 'an object { inputIds, attentionMask? }');
+    const [ids, mask] = await requireText(inputs.inputIds, inputs.attentionMask, this.device, undefined, '');
+    const [textIds, textMask] = await textOnly(ids, mask, this.manifest);
+    const limit = this.manifest.qformer.max_position_embeddings;
+    if (limit !== undefined && textIds.shape[1] > limit) {
+      throw new InvalidArgumentError(`argument 'inputs.inputIds' has ${textIds.shape[1]} text tokens per row; expected at most ${limit} (the Q-Former's max_position_embeddings)`,
+        { argument: 'inputs.inputIds', value: `${textIds.shape[1]} tokens`, expected: `at most ${limit}` });
+    }
+    return [textIds, textMask];
+  }
+
+  /**
+   * transformers' forward. With `useImageTextMatchingHead` (ITM): one text per image (B == Bt),
+   * `logitsPerImage` [B, 2]. Without (ITC, the default as in transformers): any Bt texts against
+   * the B images, `logitsPerImage` [B, Bt] with `textEmbeds` and `imageEmbeds`.
+   */
+  forward(inputs: { pixelValues: Tensor; inputIds: Tensor; attentionMask?: Tensor; useImageTextMatchingHead?: boolean }, options?: CallOptions): Promise<ImageTextRetrievalOutput> {
+    return callWith(options, async () => {
+      const pixels = requirePixels(inputs?.pixelValues, this.manifest);
+      const [ids, mask] = await this.#text(inputs);
+      const itm = inputs.useImageTextMatchingHead ?? false;
+      if (typeof itm !== 'boolean') throw InvalidArgumentError.of('inputs.useImageTextMatchingHead', itm, 'a boolean');
+      if (itm && ids.shape[0] !== pixels.shape[0]) {
+        throw new ShapeError(`argument 'inputs.inputIds' has ${ids.shape[0]} rows but 'inputs.pixelValues' has ${pixels.shape[0]} images; the matching head scores one text per image (use rank() for every pair)`,
+          { argument: 'inputs.inputIds', value: String(ids.shape[0]), expected: String(pixels.shape[0]) });
+      }
+      const m = this.module('retrieval');
+      const [vision, pooled] = tensors(await m.call('vision_model', [pixels]), 'vision_model');
+      pooled.dispose();
+      try {
+        if (itm) {
+          const [logitsPerImage] = tensors(await m.call('itm', [vision, ids, mask]), 'itm');
+          return { logitsPerImage: logitsPerImage as Tensor<'float32'>, logitsPerText: await transposed(logitsPerImage) };
+        }
+        const [logitsPerImage, logitsPerText, textEmbeds, imageEmbeds] = tensors(await m.call('itc', [vision, ids, mask]), 'itc');
+        return { logitsPerImage: logitsPerImage as Tensor<'float32'>, logitsPerText: logitsPerText as Tensor<'float32'>, textEmbeds, imageEmbeds };
+      } finally {
+        vision.dispose();
+      }
+    }, disposeAll);
+  }
+
+  /**
+   * Scores every text against every image: [M images, N texts] float32. `'itc'` (default): the
+   * contrastive similarity (max over query tokens); `'itm'`: the matching head's probability of
+   * "match" (softmax), M x N pairs through the Q-Former in one call.
+   */
+  rank(images: { pixelValues: Tensor }, texts: { inputIds: Tensor; attentionMask?: Tensor }, options: CallOptions & { method?: 'itc' | 'itm' } = {}): Promise<Tensor<'float32'>> {
+    return callWith(options, async () => {
+      const method = options.method ?? 'itc';
+      if (method !== 'itc' && method !== 'itm') throw InvalidArgumentError.of('options.method', method, "'itc' or 'itm'");
+      const pixels = requirePixels(images?.pixelValues, this.manifest, 'images.pixelValues');
+      const [ids, mask] = await this.#text(texts);
+      const m = this.module('retrieval');
+      const [vision, pooled] = tensors(await m.call('vision_model', [pixels]), 'vision_model');
+      pooled.dispose();
+      try {
+        if (method === 'itc') {
+          const [logitsPerImage, logitsPerText, textEmbeds, imageEmbeds] = tensors(await m.call('itc', [vision, ids, mask]), 'itc');
+          for (const t of [logitsPerText, textEmbeds, imageEmbeds]) t.dispose();
+          return logitsPerImage as Tensor<'float32'>;
+        }
+        const [pairs] = tensors(await m.call('itm_pairs', [vision, ids, mask]), 'itm_pairs');  // [M, N, 2]
+        const probability = await matchProbability(pairs);
+        pairs.dispose();
+        return probability;
+      } finally {
+        vision.dispose();
+      }
+    }, (late) => late.dispose());
+  }
+}
+
+/** [a, b] → [b, a] (through the host: retrieval outputs are small). */
+async function transposed(t: Tensor): Promise<Tensor<'float32'>> {
+  const [a, b] = t.shape;
+  const data = (await (t.dtype === 'float32' ? t : await t.to({ dtype: 'float32' })).toArray()) as Float32Array;
+  const out = new Float32Array(a * b);
+  for (let i = 0; i < a; i++) for (let j = 0; j < b; j++) out[j * a + i] = data[i * b + j];
+  return Tensor.from(out, [b, a], { device: t.device }) as Tensor<'float32'>;
+}
+
+/** softmax over the last dimension of [M, N, 2] logits, index 1 (match): [M, N]. */
+async function matchProbability(pairs: Tensor): Promise<Tensor<'float32'>> {
+  const [m, n] = pairs.shape;
+  const data = (await (pairs.dtype === 'float32' ? pairs : await pairs.to({ dtype: 'float32' })).toArray()) as Float32Array;
+  const out = new Float32Array(m * n);
+  for (let k = 0; k < m * n; k++) {
+    const a = data[2 * k];
+    const b = data[2 * k + 1];
+    const top = Math.max(a, b);
+    out[k] = Math.exp(b - top) / (Math.exp(a - top) + Math.exp(b - top));
+  }
+  return Tensor.from(out, [m, n], { device: pairs.device }) as Tensor<'float32'>;
+}
+
+/** transformers' Blip2TextModelWithProjection: normalised text embeddings in the image-text space. */
+export class Blip2TextModelWithProjection extends FolderModel {
+  private constructor(loaded: LoadedModules) {
+    super(loaded);
+  }
+
+  /** Loads a folder that serves Blip2TextModelWithProjection (retrieval checkpoints). */
+  static async fromPretrained(modelDir: string, options: FeatureModelOptions = {}): Promise<Blip2TextModelWithProjection> {
+    return new Blip2TextModelWithProjection(await loadModules(modelDir, 'Blip2TextModelWithProjection', ['retrieval'], options));
+  }
+
+  /** `{ textEmbeds [B, T, Dp] (each token's, normalised; [:, 0] is the ITC embedding), lastHiddenState [B, T, Dq] }`. */
+  forward(inputs: { inputIds: Tensor; attentionMask?: Tensor }, options?: CallOptions): Promise<{ textEmbeds: Tensor; lastHiddenState: Tensor }> {
+    return callWith(options, async () => {
+      if (inputs === null || typeof inputs !== 'object') throw InvalidArgumentError.of('inputs', inputs, 'an object { inputIds, attentionMask? }');
+      const [ids, mask] = await requireText(inputs.inputIds, inputs.attentionMask, this.device, undefined, '');
+      const [textIds, textMask] = await textOnly(ids, mask, this.manifest);
+      const limit = this.manifest.qformer.max_position_embeddings;
+      if (limit !== undefined && textIds.shape[1] > limit) {
+        throw new InvalidArgumentError(`argument 'inputs.inputIds' has ${textIds.shape[1]} text tokens per row; expected at most ${limit} (the Q-Former's max_position_embeddings)`,
+          { argument: 'inputs.inputIds', value: `${textIds.shape[1]} tokens`, expected: `at most ${limit}` });
+      }
+      const [textEmbeds, lastHiddenState] = tensors(await this.module('retrieval').call('text_embeds', [textIds, textMask]), 'text_embeds');
+      return { textEmbeds, lastHiddenState };
+    }, disposeAll);
+  }
+}
+
+/** transformers' Blip2VisionModelWithProjection: normalised query embeddings of each image in the image-text space. */
+export class Blip2VisionModelWithProjection extends FolderModel {
+  private constructor(loaded: LoadedModules) {
+    super(loaded);
+  }
+
+  /** Loads a folder that serves Blip2VisionModelWithProjection (retrieval checkpoints). */
+  static async fromPretrained(modelDir: string, options: FeatureModelOptions = {}): Promise<Blip2VisionModelWithProjection> {
+    return new Blip2VisionModelWithProjection(await loadModules(modelDir, 'Blip2VisionModelWithProjection', ['retrieval'], options));
+  }
+
+  /** `{ imageEmbeds [B, Q, Dp] (normalised), lastHiddenState [B, P+1, Dv] (the vision model's, as transformers) }`. */
+  forward(inputs: { pixelValues: Tensor }, options?: CallOptions): Promise<{ imageEmbeds: Tensor; lastHiddenState: Tensor }> {
+    return callWith(options, async () => {
+      const pixels = requirePixels(inputs?.pixelValues, this.manifest);
+      const m = this.module('retrieval');
+      const [lastHiddenState, pooled] = tensors(await m.call('vision_model', [pixels]), 'vision_model');
+      pooled.dispose();
+      const [imageEmbeds, queries] = tensors(await m.call('image_embeds', [lastHiddenState]), 'image_embeds');
+      queries.dispose();
+      return { imageEmbeds, lastHiddenState };
+    }, disposeAll);
+  }
 }
