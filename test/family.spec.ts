@@ -1,9 +1,10 @@
 import { strict as assert } from 'node:assert';
 import * as fs from 'node:fs';
+import * as os from 'node:os';
 import * as path from 'node:path';
 
 import {
-  Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Model, Blip2QFormerModel, Blip2TextModelWithProjection,
+  Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval, Blip2Model, Blip2Processor, Blip2QFormerModel, Blip2TextModelWithProjection,
   Blip2VisionModel, Blip2VisionModelWithProjection, InvalidArgumentError, ModelLoadError, ShapeError, Tensor,
 } from '../lib';
 import { maxAbsDiff, rowsOf } from './support/fixtures';
@@ -233,5 +234,36 @@ describe('the BLIP-2 family against transformers 5.18 (tiny checkpoints made by 
       const ok = await model.forward({ pixelValues: ref.tensor('pixel_values'), inputIds: ref.tensor('text_inputs/right/input_ids'), attentionMask: ref.tensor('text_inputs/right/attention_mask'), useImageTextMatchingHead: true });
       await close(ok.logitsPerImage, ref, 'itm/right/logits_per_image');
     });
+  });
+});
+
+describe('Blip2Processor on the family\'s folders', () => {
+  it('a retrieval folder gets the text alone (no <image> tokens); a transformers-5 folder without preprocessor_config.json reads processor_config.json', async function () {
+    this.timeout(120_000);
+    const fs2 = fs;
+    const { modelDir, checkpoint } = hfTinyModel('itm');
+    const processor = await Blip2Processor.fromPretrained(modelDir);
+    const ref = new SafeTensorsFile(path.join(checkpoint, 'reference.safetensors'));
+    const texts = (JSON.parse(fs2.readFileSync(path.join(checkpoint, 'reference.json'), 'utf8')) as { texts: string[] }).texts;
+    const out = await processor.process({ text: texts, padding: 'longest' });
+    const want = ref.get('text_inputs/right/input_ids');
+    assert.deepEqual(out.inputIds.shape, want.shape);
+    assert.deepEqual(Array.from((await out.inputIds.toArray()) as BigInt64Array, Number), Array.from(want.data as BigInt64Array, Number));
+    // transformers 5 nests the image processor's config in processor_config.json.
+    const t5 = hfTinyModel('t5').checkpoint;
+    const copy = fs2.mkdtempSync(path.join(os.tmpdir(), 'blip2-proc-'));
+    fs2.cpSync(t5, copy, { recursive: true });
+    const nested = JSON.parse(fs2.readFileSync(path.join(copy, 'processor_config.json'), 'utf8')) as Record<string, unknown>;
+    if (!nested.image_processor) nested.image_processor = JSON.parse(fs2.readFileSync(path.join(copy, 'preprocessor_config.json'), 'utf8'));
+    fs2.writeFileSync(path.join(copy, 'processor_config.json'), JSON.stringify(nested));
+    fs2.rmSync(path.join(copy, 'preprocessor_config.json'));
+    const fromNested = await Blip2Processor.fromPretrained(copy);
+    const original = await Blip2Processor.fromPretrained(t5);
+    const image = path.join(__dirname, 'fixtures', 'images', 'gradient_64x48.png');
+    const a = await fromNested.process({ images: image, text: 'a photo of' });
+    const b = await original.process({ images: image, text: 'a photo of' });
+    assert.deepEqual(await a.pixelValues.toArray(), await b.pixelValues.toArray());
+    assert.deepEqual(await a.inputIds.toArray(), await b.inputIds.toArray());
+    fs2.rmSync(copy, { recursive: true, force: true });
   });
 });

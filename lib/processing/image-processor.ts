@@ -148,15 +148,29 @@ export class BlipImageProcessor {
     this.lut = pixelLut({ doRescale: this.doRescale, rescaleFactor: this.rescaleFactor, doNormalize: this.doNormalize, mean: this.imageMean, std: this.imageStd });
   }
 
-  /** Reads `preprocessor_config.json` from a checkpoint or model folder. */
+  /**
+   * Reads `preprocessor_config.json` from a checkpoint or model folder, or, as transformers 5
+   * saves processors, the `image_processor` entry of `processor_config.json`.
+   */
   static fromPretrained(dir: string): BlipImageProcessor {
-    const file = path.join(dir, 'preprocessor_config.json');
-    if (!fs.existsSync(file)) throw new ModelLoadError(`missing preprocessor_config.json in ${dir}`, { file });
+    let file = path.join(dir, 'preprocessor_config.json');
+    let nested = false;
+    if (!fs.existsSync(file)) {
+      file = path.join(dir, 'processor_config.json');
+      nested = true;
+      if (!fs.existsSync(file)) throw new ModelLoadError(`missing preprocessor_config.json (or processor_config.json with image_processor) in ${dir}`, { file: path.join(dir, 'preprocessor_config.json') });
+    }
     let config: unknown;
     try {
       config = JSON.parse(fs.readFileSync(file, 'utf8'));
     } catch (error) {
       throw new ModelLoadError(`${file} is not valid JSON: ${(error as Error).message}`, { file });
+    }
+    if (nested) {
+      config = (config as { image_processor?: unknown } | null)?.image_processor;
+      if (config === null || typeof config !== 'object') {
+        throw new ModelLoadError(`missing preprocessor_config.json in ${dir}, and ${file} has no image_processor entry`, { file });
+      }
     }
     try {
       return new BlipImageProcessor(config as BlipImageProcessorConfig);

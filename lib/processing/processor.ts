@@ -82,6 +82,7 @@ type Texts = string | readonly string[];
 interface ManifestInfo {
   num_query_tokens?: number | null;
   image_token_index?: number | null;
+  architecture?: string;
   dtype?: string;
 }
 
@@ -157,7 +158,10 @@ export class Blip2Processor {
 
     let numQueryTokens: number | null = null;
     const fromConfig = processorConfig.num_query_tokens ?? preprocessorConfig.num_query_tokens;
-    if (fromConfig !== undefined && fromConfig !== null) {
+    if (manifest?.architecture === 'itm') {
+      // Retrieval models take the text alone (transformers' would strip the image tokens again).
+      numQueryTokens = null;
+    } else if (fromConfig !== undefined && fromConfig !== null) {
       if (typeof fromConfig !== 'number' || !Number.isSafeInteger(fromConfig) || fromConfig < 1) {
         const file = path.join(dir, 'processor_config.json');
         throw new ModelLoadError(`${file}: num_query_tokens is ${describeValue(fromConfig)}; expected an integer >= 1`, { file });
