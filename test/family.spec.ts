@@ -267,3 +267,36 @@ describe('Blip2Processor on the family\'s folders', () => {
     fs2.rmSync(copy, { recursive: true, force: true });
   });
 });
+
+describe('half precision on the CPU, as transformers 5 runs it', () => {
+  it('float16 (query tokens and Q-Former kept in float32) and bfloat16: greedy ids equal transformers 5.18 loaded in the same dtype', async function () {
+    this.timeout(300_000);
+    const { checkpoint, modelDir } = hfTinyModel('opt');
+    const ref = new SafeTensorsFile(path.join(checkpoint, 'reference.safetensors'));
+    const script = `
+import json, torch, transformers
+from safetensors.torch import load_file
+t = load_file(${JSON.stringify(path.join(checkpoint, 'reference.safetensors'))})
+out = {}
+for name, dtype in (("float16", torch.float16), ("bfloat16", torch.bfloat16)):
+    m = transformers.Blip2ForConditionalGeneration.from_pretrained(${JSON.stringify(checkpoint)}, dtype=dtype, attn_implementation="eager").eval()
+    with torch.no_grad():
+        s = m.generate(pixel_values=t["pixel_values"].to(dtype), input_ids=t["inputs/left/input_ids"], attention_mask=t["inputs/left/attention_mask"], max_new_tokens=8, do_sample=False)
+    out[name] = {"ids": s.tolist(), "qformer": str(m.qformer.layernorm.weight.dtype)}
+print(json.dumps(out))`;
+    const { runPython } = await import('./support/python.js');
+    const want = JSON.parse(runPython(script).trim().split('\n').pop() as string) as Record<string, { ids: number[][]; qformer: string }>;
+    assert.equal(want.float16.qformer, 'torch.float32');
+    const t = (name: string) => {
+      const x = ref.get(name);
+      return Tensor.from(x.data as Float32Array, x.shape, x.data instanceof BigInt64Array ? { dtype: 'int64' } : {});
+    };
+    for (const dtype of ['float16', 'bfloat16'] as const) {
+      const model = await Blip2ForConditionalGeneration.fromPretrained(modelDir, { dtype });
+      const pixels = await t('pixel_values').to({ dtype });
+      const ids = await rowsOf(await model.generate({ pixelValues: pixels, inputIds: t('inputs/left/input_ids'), attentionMask: t('inputs/left/attention_mask') }, { maxNewTokens: 8 }));
+      assert.deepEqual(ids, want[dtype].ids, dtype);
+      await model.dispose();
+    }
+  });
+});
