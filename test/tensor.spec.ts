@@ -1,7 +1,9 @@
 import { strict as assert } from 'node:assert';
 import * as os from 'node:os';
+import * as path from 'node:path';
 
 import {
+  Blip2ForConditionalGeneration,
   DTypeError,
   DeviceError,
   DisposedError,
@@ -204,10 +206,14 @@ describe('Tensor', () => {
       for (const x of [t, u8, ids]) x.dispose();
     });
 
-    it('devices that do not exist or are unavailable', () => {
+    it('devices that do not exist or are unavailable', async () => {
       assert.throws(() => Tensor.from(new Float32Array(1), [1], { device: 'tpu' }), (e: unknown) => e instanceof DeviceError && e.argument === 'device');
       if (!cudaAvailable()) {
-        assert.throws(() => Tensor.from(new Float32Array(1), [1], { device: 'cuda' }), (e: unknown) => e instanceof DeviceError && /CUDA is not available/.test(e.message));
+        // The message says which build this is: CPU-only (and how to get a CUDA one), or CUDA without a GPU.
+        const expected = versions.builtWithCuda ? /no CUDA GPU or driver was found \(this addon is built with CUDA/ : /this addon is a CPU-only build .*BLIP2_PYTHON=/;
+        assert.throws(() => Tensor.from(new Float32Array(1), [1], { device: 'cuda' }), (e: unknown) => e instanceof DeviceError && expected.test(e.message));
+        await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(path.join(__dirname, '..', 'models', 'tiny-random-opt'), { device: 'cuda' }),
+          (e: unknown) => e instanceof DeviceError && expected.test(e.message));
       }
     });
   });

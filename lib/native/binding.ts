@@ -28,14 +28,17 @@ function load(): NativeBinding {
   // eslint-disable-next-line @typescript-eslint/no-require-imports
   const nodeGypBuild = require('node-gyp-build') as (dir: string) => unknown;
   let binding: NativeBinding;
+  // BLIP2_ADDON: a specific build of the addon (CI runs the tests on a CUDA build this way).
+  const explicit = process.env.BLIP2_ADDON;
   try {
-    binding = nodeGypBuild(packageRoot()) as NativeBinding;
+    // eslint-disable-next-line @typescript-eslint/no-require-imports
+    binding = (explicit ? require(path.resolve(explicit)) : nodeGypBuild(packageRoot())) as NativeBinding;
   } catch (e) {
     const message = (e as Error).message;
     throw new Error(
-      `blip2-node: the native addon could not be loaded (${message}).\n` +
-        'Build it with `npm rebuild blip2-node` (needs libtorch: apt-get install libtorch-dev, or a Python torch with ' +
-        'BLIP2_PYTHON set, or LIBTORCH=/path/to/libtorch).',
+      `blip2-node: the native addon ${explicit ? `BLIP2_ADDON=${explicit} ` : ''}could not be loaded (${message}).\n` +
+        'Rebuild it with `npm rebuild blip2-node`; it needs libtorch 2.x: the install makes the package\'s own Python ' +
+        'environment with torch, or set BLIP2_PYTHON to a Python with torch, or LIBTORCH=/path/to/libtorch.',
       { cause: e },
     );
   }

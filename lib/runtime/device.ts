@@ -25,13 +25,15 @@ export interface Versions {
   cuda: string | null;
   /** The instruction set of the runtime's CPU product kernel ('avx512', 'avx2'; 'none': libtorch's only). */
   linearKernel: 'avx512' | 'avx2' | 'none';
+  /** Whether the addon was compiled against a CUDA libtorch (it may still find no GPU). */
+  builtWithCuda: boolean;
 }
 
 /** This package's version, the libtorch and CUDA it runs on, and the CPU kernel in use. */
 export const versions: Versions = (() => {
   const native = binding.versions();
   const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
-  return Object.freeze({ package: pkg.version, libtorch: native.libtorch, cuda: native.cuda, linearKernel: native.linearKernel });
+  return Object.freeze({ package: pkg.version, libtorch: native.libtorch, cuda: native.cuda, linearKernel: native.linearKernel, builtWithCuda: native.builtWithCuda });
 })();
 
 /**

@@ -3,16 +3,13 @@
 #include <algorithm>
 #include <cstdlib>
 
+#include "core/device_transfer.h"
 #include "core/errors.h"
 #include "kernels/linear.h"
 #include "core/stats.h"
 #include "core/tensor.h"
 
 namespace blip2 {
-
-at::Tensor LongTensorOn(const std::vector<int64_t>& values, const c10::Device& device) {
-  return at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(device);
-}
 
 int64_t FirstSlotIfConsecutive(const std::vector<int64_t>& slots) {
   for (size_t i = 1; i < slots.size(); ++i) {

@@ -9,6 +9,7 @@
 
 #include "blip2/model_spec.h"
 #include "blip2/slot_cache.h"
+#include "core/device_transfer.h"
 #include "core/script_module.h"
 #include "core/torch_includes.h"
 #include "kernels/linear.h"
@@ -78,8 +79,6 @@ class Blip2Runtime {
   std::vector<LinearDecision> linear_decisions_;
 };
 
-// Host indices (slots, positions, rows) as an int64 tensor on `device`.
-at::Tensor LongTensorOn(const std::vector<int64_t>& values, const c10::Device& device);
 
 // Consecutive slots are read through views by the language model; otherwise gathered.
 int64_t FirstSlotIfConsecutive(const std::vector<int64_t>& slots);

@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "core/addon_data.h"
+#include "core/device_transfer.h"
 #include "core/errors.h"
 #include "core/stats.h"
 
@@ -129,9 +130,6 @@ class SchedulerTask : public Task {
   std::shared_ptr<Scheduler> scheduler_;
 };
 
-at::Tensor LongOn(const std::vector<int64_t>& values, const c10::Device& device) {
-  return at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(device);
-}
 
 std::exception_ptr Disposed() {
   return std::make_exception_ptr(Error(ErrorCode::kDisposed, "the model was disposed before this generate() call finished"));
@@ -699,7 +697,7 @@ void Scheduler::DecodeStep() {
     kv_len = std::max(kv_len, positions[s] + 1);
     if (cache_->count() > 1) encoder_lengths[s] = slot.owner->encoder_length[slot.sequence / slot.owner->group->per_prompt()];
   }
-  at::Tensor logits = runtime_->Decode(*cache_, LongOn(tokens, runtime_->spec().device), positions, kv_len, encoder_lengths);
+  at::Tensor logits = runtime_->Decode(*cache_, LongTensorOn(tokens, runtime_->spec().device), positions, kv_len, encoder_lengths);
   decode_steps_ += 1;
   Stats::decode_steps += 1;
   largest_step_rows_ = std::max(largest_step_rows_, n);
@@ -711,7 +709,7 @@ void Scheduler::DecodeStep() {
       bool contiguous = true;
       for (size_t k = 1; k < rows.size(); ++k) contiguous = contiguous && rows[k] == rows[k - 1] + 1;
       at::Tensor mine = contiguous ? logits.narrow(0, rows.front(), static_cast<int64_t>(rows.size()))
-                                   : logits.index_select(0, LongOn(rows, logits.device()));
+                                   : logits.index_select(0, LongTensorOn(rows, logits.device()));
       ApplyCopy(*r, r->group->Advance(mine));
       generated_tokens_ += static_cast<int64_t>(rows.size());
       r->PostStep();

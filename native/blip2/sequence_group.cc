@@ -2,6 +2,7 @@
 
 #include <algorithm>
 
+#include "core/device_transfer.h"
 #include "core/errors.h"
 #include "core/stats.h"
 
@@ -13,9 +14,6 @@ bool Contains(const std::vector<int64_t>& values, int64_t value) {
   return std::find(values.begin(), values.end(), value) != values.end();
 }
 
-at::Tensor LongOn(const std::vector<int64_t>& values, const c10::Device& device) {
-  return at::tensor(values, at::TensorOptions().dtype(at::kLong)).to(device);
-}
 
 }  // namespace
 
@@ -29,11 +27,11 @@ SequenceGroup::SequenceGroup(GenerationOptions options, at::Tensor input_ids, st
   for (int64_t i = 0; i < n; ++i) lengths_.push_back(prompt_lengths.at(i / per_prompt_));
   generated_.assign(n, {});
   next_token_.assign(n, 0);
-  if (!options_.eos_token_ids.empty()) eos_ids_ = LongOn(options_.eos_token_ids, device_);
+  if (!options_.eos_token_ids.empty()) eos_ids_ = LongTensorOn(options_.eos_token_ids, device_);
   if (options_.repetition_penalty != 1.0) {
     // Hugging Face penalises every id of input_ids (prompt, <image> placeholders and pads included).
     seen_ = at::zeros({n, vocab_size_}, at::TensorOptions().dtype(at::kBool).device(device_));
-    at::Tensor prompt_ids = input_ids_.repeat_interleave(per_prompt_, 0).to(device_);
+    at::Tensor prompt_ids = ToDevice(input_ids_.repeat_interleave(per_prompt_, 0).contiguous(), device_);
     if (prompt_ids.size(1) > 0) seen_.scatter_(1, prompt_ids, true);
   }
   if (options_.do_sample) sampler_.emplace(options_.seed ? *options_.seed : std::random_device{}());
@@ -61,7 +59,7 @@ at::Tensor SequenceGroup::ReadToHost(const at::Tensor& tensor) {
 }
 
 at::Tensor SequenceGroup::ApplyProcessors(at::Tensor scores, const std::vector<int64_t>& rows) const {
-  if (seen_.defined()) scores = ApplyRepetitionPenalty(scores, seen_.index_select(0, LongOn(rows, device_)), options_.repetition_penalty);
+  if (seen_.defined()) scores = ApplyRepetitionPenalty(scores, seen_.index_select(0, LongTensorOn(rows, device_)), options_.repetition_penalty);
   if (steps_ < options_.min_new_tokens && eos_ids_.defined()) scores = SuppressTokens(scores, eos_ids_);
   return scores;
 }
@@ -111,7 +109,7 @@ void SequenceGroup::ChooseTokens(const at::Tensor& logits) {
   const int64_t* tokens = host.data_ptr<int64_t>();
   steps_ += 1;
   Stats::generated_tokens += static_cast<int64_t>(running_.size());
-  if (seen_.defined()) seen_.index_put_({LongOn(running_, device_), chosen}, at::scalar_tensor(true, seen_.options()));
+  if (seen_.defined()) seen_.index_put_({LongTensorOn(running_, device_), chosen}, at::scalar_tensor(true, seen_.options()));
 
   // Finished sequences are no longer decoded; like Hugging Face they are padded to the end.
   std::vector<bool> was_running(generated_.size(), false);
@@ -137,7 +135,7 @@ SequenceGroup::SlotCopy SequenceGroup::ChooseBeams(const at::Tensor& logits) {
   at::Tensor scores = ApplyProcessors(logits.log_softmax(-1), running_);
   std::vector<float> running_scores;
   for (int64_t i : running_) running_scores.push_back(beam_scores_[i]);
-  scores = scores + at::tensor(running_scores).to(device_).unsqueeze(1);
+  scores = scores + ToDevice(at::tensor(running_scores), device_).unsqueeze(1);
   const int64_t groups = static_cast<int64_t>(running_.size()) / beams;
   const int64_t k = std::max<int64_t>(2, 1 + static_cast<int64_t>(options_.eos_token_ids.size())) * beams;
   auto top = scores.view({groups, beams * vocab}).topk(std::min(k, beams * vocab), 1, /*largest=*/true, /*sorted=*/true);
@@ -181,11 +179,11 @@ SequenceGroup::SlotCopy SequenceGroup::ChooseBeams(const at::Tensor& logits) {
     }
   }
   if (seen_.defined()) {
-    at::Tensor to = LongOn(destinations, device_);
-    seen_.index_copy_(0, to, seen_.index_select(0, LongOn(parents, device_)));
+    at::Tensor to = LongTensorOn(destinations, device_);
+    seen_.index_copy_(0, to, seen_.index_select(0, LongTensorOn(parents, device_)));
     std::vector<int64_t> chosen;
     for (int64_t i : destinations) chosen.push_back(generated_[i].back());
-    seen_.index_put_({to, LongOn(chosen, device_)}, at::scalar_tensor(true, seen_.options()));
+    seen_.index_put_({to, LongTensorOn(chosen, device_)}, at::scalar_tensor(true, seen_.options()));
   }
   running_ = steps_ >= options_.max_new_tokens ? std::vector<int64_t>() : std::move(next_running);
   last_tokens_.clear();

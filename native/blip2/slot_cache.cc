@@ -5,6 +5,7 @@
 #include <cerrno>
 #include <cstring>
 
+#include "core/device_transfer.h"
 #include "core/errors.h"
 #include "core/stats.h"
 
@@ -78,9 +79,8 @@ void SlotCache::Swap(int64_t a, int64_t b, const std::vector<int64_t>& a_lengths
 void SlotCache::CopySlots(const std::vector<int64_t>& source, const std::vector<int64_t>& destination, int64_t length, size_t which) {
   if (source.empty() || length <= 0) return;
   at::Tensor& t = tensors_.at(which);
-  const auto index = at::TensorOptions().dtype(at::kLong);
-  at::Tensor src = at::tensor(source, index).to(t.device());
-  at::Tensor dst = at::tensor(destination, index).to(t.device());
+  at::Tensor src = LongTensorOn(source, t.device());
+  at::Tensor dst = LongTensorOn(destination, t.device());
   at::Tensor filled = t.narrow(4, 0, length);
   // index_select copies first, so overlapping source and destination slots are safe.
   filled.index_copy_(2, dst, filled.index_select(2, src));

@@ -1,6 +1,7 @@
 #include "core/dtype.h"
 
 #include <torch/cuda.h>
+#include <torch/version.h>
 
 #include "core/errors.h"
 
@@ -89,7 +90,12 @@ c10::Device RequireDevice(const std::string& name, const std::string& argument) 
   }
   if (device.is_cuda()) {
     if (!torch::cuda::is_available()) {
-      throw bad("CUDA is not available (this libtorch was built without CUDA, or no GPU/driver was found)");
+#ifdef BLIP2_WITH_CUDA
+      throw bad("no CUDA GPU or driver was found (this addon is built with CUDA, against libtorch " + std::string(TORCH_VERSION) + ")");
+#else
+      throw bad("this addon is a CPU-only build (against libtorch " + std::string(TORCH_VERSION) +
+                " without CUDA); build it against a CUDA torch for GPUs: BLIP2_PYTHON=<python with a CUDA torch> npm rebuild blip2-node");
+#endif
     }
     int64_t count = static_cast<int64_t>(torch::cuda::device_count());
     if (device.has_index() && device.index() >= count) {

@@ -1,5 +1,7 @@
 #include "core/executor.h"
 
+#include "core/device_transfer.h"
+
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -77,6 +79,7 @@ void Executor::Loop() {
   // OpenMP's thread team is set up for the thread that issues the ops.
   c10::InferenceMode inference_mode;
   at::init_num_threads();
+  UseExecutorStream(device_);
   // TorchScript's profiling executor re-optimises each method over its first few calls (up to
   // ~170 ms per call on 2 cores) and again when shapes change, which decoding does every step; on
   // CPU it buys nothing measurable here, so graphs run as exported unless BLIP2_JIT_OPTIMIZE=1.

@@ -7,6 +7,7 @@
 #include "core/addon_data.h"
 #include "core/async.h"
 #include "core/dtype.h"
+#include "core/device_transfer.h"
 #include "core/errors.h"
 #include "core/stats.h"
 
@@ -220,7 +221,7 @@ Napi::Value NativeTensor::FromData(const Napi::CallbackInfo& info) {
       bool Step() override {
         try {
           c10::OptionalDeviceGuard guard(device_);
-          result_->set_value(source_.to(device_));
+          result_->set_value(ToDevice(source_, device_));
           Stats::host_to_device_bytes += source_.nbytes();
         } catch (...) {
           result_->set_exception(std::current_exception());
