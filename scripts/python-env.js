@@ -9,7 +9,7 @@
 // installs export/requirements.txt (the pinned torch, safetensors for the exporter, transformers,
 // tokenizers and Pillow for the reference tests). BLIP2_SKIP_PYTHON_SETUP=1 opts out.
 //
-// Usage: node scripts/python-env.js [find | setup | check]   (find prints the interpreter's path)
+// Usage: node scripts/python-env.js [find | setup | setup-cuda | check]   (find prints the interpreter's path)
 const fs = require('node:fs');
 const path = require('node:path');
 const { spawnSync } = require('node:child_process');
@@ -113,7 +113,20 @@ function setup() {
   return made;
 }
 
-module.exports = { findPython, setup, probe, PythonEnvError, LOCAL_ENV, REQUIREMENTS };
+/** .venv-cuda with export/requirements-cuda.txt (--no-deps): for a CUDA-enabled build; returns its Python. */
+function setupCuda() {
+  const envDir = path.join(ROOT, '.venv-cuda');
+  const python = binOf(envDir);
+  if (fs.existsSync(python) && probe(python)) return python;
+  const base = process.env.BLIP2_BASE_PYTHON || 'python3';
+  if (!fs.existsSync(python)) run(base, ['-m', 'venv', envDir], `creating ${envDir}`);
+  run(python, ['-m', 'pip', 'install', '--disable-pip-version-check', '--no-input', '--no-deps', ...pipIndexArgs(python),
+    '-r', path.join(ROOT, 'export', 'requirements-cuda.txt')], `installing export/requirements-cuda.txt into ${envDir}`);
+  if (!probe(python)) throw new PythonEnvError(`${envDir} was made but its Python cannot import torch`);
+  return python;
+}
+
+module.exports = { findPython, setup, setupCuda, probe, PythonEnvError, LOCAL_ENV, REQUIREMENTS };
 
 if (require.main === module) {
   const command = process.argv[2] || 'find';
@@ -126,10 +139,12 @@ if (require.main === module) {
       const found = setup();
       process.stderr.write(`blip2-node: Python ${found.python} (${found.source}), torch ${found.torch}\n`);
       process.stdout.write(`${found.python}\n`);
+    } else if (command === 'setup-cuda') {
+      process.stdout.write(`${setupCuda()}\n`);
     } else if (command === 'check') {
       process.stdout.write(`${JSON.stringify(findPython(), null, 2)}\n`);
     } else {
-      throw new PythonEnvError(`unknown command '${command}' (find, setup or check)`);
+      throw new PythonEnvError(`unknown command '${command}' (find, setup, setup-cuda or check)`);
     }
   } catch (e) {
     process.stderr.write(`blip2-node: ${e.message}\n`);
