@@ -15,7 +15,7 @@ export {
 } from './models/blip2/modeling-blip2';
 export type {
   Blip2Inputs, FromPretrainedOptions, GenerateOutput, ModelStats, FeatureModelOptions, CallOptions, ModelOutputWithPooling,
-  ImageTextRetrievalOutput,
+  ImageTextRetrievalOutput, LoadProgress,
 } from './models/blip2/modeling-blip2';
 export type { TokenDelta } from './generation/streaming';
 export type { Blip2Config, GenerationConfig } from './models/blip2/configuration';

@@ -300,3 +300,28 @@ print(json.dumps(out))`;
     }
   });
 });
+
+describe('load progress', () => {
+  it('onLoadProgress: a monotonic sequence in (0, 1] over the bytes checked and bound, ending at 1 (captioning and feature models)', async function () {
+    this.timeout(120_000);
+    const { modelDir } = hfTinyModel('opt');
+    for (const load of [
+      (onLoadProgress: (p: { progress: number; loadedBytes: number; totalBytes: number }) => void) => Blip2ForConditionalGeneration.fromPretrained(modelDir, { onLoadProgress }),
+      (onLoadProgress: (p: { progress: number; loadedBytes: number; totalBytes: number }) => void) => Blip2VisionModel.fromPretrained(modelDir, { onLoadProgress }),
+    ]) {
+      const seen: Array<{ progress: number; loadedBytes: number; totalBytes: number }> = [];
+      const model = await load((p) => seen.push(p));
+      assert.ok(seen.length >= 3, `${seen.length} reports`);
+      for (let i = 0; i < seen.length; i++) {
+        assert.ok(seen[i].progress > 0 && seen[i].progress <= 1);
+        if (i > 0) assert.ok(seen[i].progress > seen[i - 1].progress, JSON.stringify(seen));
+        assert.equal(seen[i].totalBytes, seen[0].totalBytes);
+      }
+      assert.equal(seen[seen.length - 1].progress, 1);
+      assert.equal(seen[seen.length - 1].loadedBytes, seen[0].totalBytes);
+      await model.dispose();
+    }
+    await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(modelDir, { onLoadProgress: 5 as never }),
+      (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'onLoadProgress');
+  });
+});

@@ -58,7 +58,8 @@ export interface NativeModuleWeights {
 }
 
 export interface NativeScriptModuleConstructor {
-  load(path: string, device: string, weights?: NativeModuleWeights): Promise<NativeScriptModule>;
+  /** `onProgress(boundBytes)`: after each weight tensor is bound. */
+  load(path: string, device: string, weights?: NativeModuleWeights, onProgress?: (boundBytes: number) => void): Promise<NativeScriptModule>;
 }
 
 export interface NativeCancelToken {
@@ -273,7 +274,9 @@ export interface NativeModelStats {
 }
 
 export interface NativeBlip2ModelConstructor {
-  load(spec: NativeModelSpec, scheduler: NativeSchedulerOptions, cancelToken?: NativeCancelToken): Promise<NativeBlip2Model>;
+  /** `onProgress(boundBytes)`: as weights are bound (at most every 1% of spec.weights' bytes). */
+  load(spec: NativeModelSpec, scheduler: NativeSchedulerOptions, cancelToken: NativeCancelToken | undefined,
+    onProgress?: (boundBytes: number) => void): Promise<NativeBlip2Model>;
 }
 
 export type ErrorFactory = (code: string, message: string, details: Record<string, string>) => Error;

@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-// The `blip2` command: export checkpoints, caption images.
+// The `blip2` command: export checkpoints, caption images, serve a model over HTTP.
 import { Blip2Error } from '../errors';
 import { packageRoot } from '../native/binding';
 import { versions } from '../runtime/device';
@@ -7,6 +7,8 @@ import { CaptionUsageError, runCaption } from './caption';
 import { ExportDisplay, manifestSummary } from './export-display';
 import { ExportError, exportCheckpoint } from './export';
 import { IMAGE_EXTENSIONS } from './files';
+import { runServe } from './serve';
+import { DEFAULT_MAX_BODY_BYTES } from '../server/server';
 
 const DEFAULT_BATCH = 8;
 const DEFAULT_CONCURRENCY = 2;
@@ -28,6 +30,17 @@ Usage:
       (default ${DEFAULT_CONCURRENCY}); --device: default cpu; --max-new-tokens, --num-beams: default the
       model's generation_config.json. A file that cannot be read or decoded is reported and the run
       goes on. Exit status: 0 all captioned, 1 some failed, 2 usage error.
+  blip2 serve --model <model-dir> [--port 8080] [--host 127.0.0.1] [--device cpu|cuda[:N]] [--allow-local-images DIR]
+              [--max-batch-size N] [--max-queue N] [--max-length N] [--max-body-bytes N] [--max-image-pixels N]
+              [--request-timeout S] [--shutdown-timeout S] [--model-name NAME]
+      Serves the model over HTTP with OpenAI's chat completions API (POST /v1/chat/completions, one
+      image per request as a data: URL; streaming with "stream": true), GET /v1/models, GET /health
+      and GET /metrics (Prometheus). --port 0 picks a free port. --allow-local-images DIR: image URLs
+      may also be paths or file: URLs of files inside DIR. --max-batch-size: sequences decoded
+      together (default 16); --max-queue: requests waiting for them before 429 (default 1024);
+      --max-body-bytes: default ${DEFAULT_MAX_BODY_BYTES} (413 above); --max-image-pixels: default 100000000;
+      --request-timeout S: stop a request after S seconds (504; default none); --shutdown-timeout S:
+      on SIGTERM/SIGINT requests in flight get S seconds to finish (default 30), then are cancelled.
   blip2 version
 `;
 
@@ -37,6 +50,11 @@ const FLAGS: Record<string, Record<string, boolean>> = {
   caption: {
     model: false, prompt: false, device: false, 'max-new-tokens': false, 'num-beams': false, batch: false, concurrency: false,
     json: true, jsonl: true,
+  },
+  serve: {
+    model: false, port: false, host: false, device: false, 'allow-local-images': false, 'max-batch-size': false, 'max-queue': false,
+    'max-length': false, 'max-body-bytes': false, 'max-image-pixels': false, 'request-timeout': false, 'shutdown-timeout': false,
+    'model-name': false,
   },
 };
 
@@ -87,6 +105,39 @@ function intFlag(p: Parsed, name: string, min = 1): number | undefined {
   const n = Number(v);
   if (v.trim() === '' || !Number.isSafeInteger(n) || n < min) throw new UsageError(`--${name} must be an integer >= ${min}, got '${v}'`);
   return n;
+}
+
+/** A duration flag in seconds (fractions allowed), as milliseconds. */
+function secondsFlag(p: Parsed, name: string): number | undefined {
+  const v = flag(p, name);
+  if (v === undefined) return undefined;
+  const n = Number(v);
+  if (v.trim() === '' || !Number.isFinite(n) || n < 0) throw new UsageError(`--${name} must be a number of seconds >= 0, got '${v}'`);
+  return Math.round(n * 1000);
+}
+
+async function runServeCommand(p: Parsed): Promise<number> {
+  const modelDir = flag(p, 'model');
+  if (!modelDir) throw new UsageError('serve needs --model <model-dir>');
+  if (p.positional.length > 0) throw new UsageError(`serve takes no positional arguments, got '${p.positional[0]}'`);
+  const port = intFlag(p, 'port', 0);
+  if (port !== undefined && port > 65535) throw new UsageError(`--port must be from 0 to 65535, got '${port}'`);
+  const requestTimeoutMs = secondsFlag(p, 'request-timeout');
+  return runServe({
+    modelDir,
+    modelName: flag(p, 'model-name'),
+    host: flag(p, 'host'),
+    port,
+    device: flag(p, 'device'),
+    allowLocalImages: flag(p, 'allow-local-images'),
+    maxBatchSize: intFlag(p, 'max-batch-size'),
+    maxQueue: intFlag(p, 'max-queue', 0),
+    maxLength: intFlag(p, 'max-length'),
+    maxBodyBytes: intFlag(p, 'max-body-bytes'),
+    maxImagePixels: intFlag(p, 'max-image-pixels'),
+    requestTimeoutMs: requestTimeoutMs || undefined,
+    shutdownTimeoutMs: secondsFlag(p, 'shutdown-timeout') ?? 30_000,
+  });
 }
 
 async function runExport(p: Parsed): Promise<void> {
@@ -153,6 +204,7 @@ export async function main(argv: string[]): Promise<number> {
     switch (command) {
       case 'export': await runExport(parsed); return 0;
       case 'caption': return await runCaptionCommand(parsed);
+      case 'serve': return await runServeCommand(parsed);
       case 'version': process.stdout.write(`blip2-node ${versions.package} (libtorch ${versions.libtorch}, CUDA ${versions.cuda ?? 'none'}, ${packageRoot()})\n`); return 0;
       default: throw new UsageError(`unknown command '${command}'`);
     }

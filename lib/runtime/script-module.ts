@@ -52,8 +52,9 @@ export class ScriptModule {
   }
 
   /** @internal A module of a model folder with its weights bound (lib's model classes). */
-  static async loadWithWeights(path: string, device: string, weights: NativeModuleWeights, signal?: AbortSignal): Promise<ScriptModule> {
-    const native = await withAbort(signal, () => binding.NativeScriptModule.load(path, device, weights), (late) => late.dispose());
+  static async loadWithWeights(path: string, device: string, weights: NativeModuleWeights, signal?: AbortSignal,
+    onProgress?: (boundBytes: number) => void): Promise<ScriptModule> {
+    const native = await withAbort(signal, () => binding.NativeScriptModule.load(path, device, weights, onProgress), (late) => late.dispose());
     return new ScriptModule(native);
   }
 

@@ -145,13 +145,38 @@ Napi::Value NativeBlip2Model::Load(const Napi::CallbackInfo& info) {
       throw InvalidArgument("maxLength", std::to_string(options.max_length), "at most the model's " + std::to_string(spec.max_length) + " positions");
     }
     auto cancel = NativeCancelToken::FromValue(info[2]);
+    // onProgress(boundBytes): posted as weights are bound, at most every 1% of them.
+    napi_ref progress_ref = nullptr;
+    if (info[3].IsFunction()) napi_create_reference(env, info[3], 1, &progress_ref);
+    std::shared_ptr<JsChannel> channel = AddonData::Get(env)->channel;
+    int64_t total = 0;
+    for (const WeightRef& w : spec.weights) total += w.nbytes;
     napi_ref ctor_ref = nullptr;
     napi_create_reference(env, info.This(), 1, &ctor_ref);
     return RunAsync<Loaded>(
         env, spec.device,
-        [spec, options]() {
+        [spec, options, progress_ref, channel, total]() {
           Loaded loaded;
-          loaded.runtime = Blip2Runtime::Load(spec);
+          std::function<void(int64_t)> on_weights;
+          if (progress_ref != nullptr) {
+            auto done = std::make_shared<int64_t>(0);
+            auto reported = std::make_shared<int64_t>(0);
+            on_weights = [=](int64_t bytes) {
+              *done += bytes;
+              if (*done - *reported < total / 100 && *done < total) return;
+              *reported = *done;
+              int64_t now = *done;
+              channel->Post([progress_ref, now](Napi::Env env) {
+                napi_value fn = nullptr;
+                if (napi_get_reference_value(env, progress_ref, &fn) != napi_ok || fn == nullptr) return;
+                try {
+                  Napi::Function(env, fn).Call({Napi::Number::New(env, static_cast<double>(now))});
+                } catch (const Napi::Error&) {
+                }
+              });
+            };
+          }
+          loaded.runtime = Blip2Runtime::Load(spec, on_weights);
           loaded.scheduler = std::make_shared<Scheduler>(loaded.runtime, options);  // allocates the KV cache
           return loaded;
         },
@@ -160,7 +185,10 @@ Napi::Value NativeBlip2Model::Load(const Napi::CallbackInfo& info) {
           napi_get_reference_value(env, ctor_ref, &ctor);
           return Napi::Function(env, ctor).New({Napi::External<Loaded>::New(env, &loaded)});
         },
-        cancel, [ctor_ref](Napi::Env env) { napi_delete_reference(env, ctor_ref); });
+        cancel, [ctor_ref, progress_ref](Napi::Env env) {
+          napi_delete_reference(env, ctor_ref);
+          if (progress_ref != nullptr) napi_delete_reference(env, progress_ref);
+        });
   });
 }
 

@@ -34,7 +34,7 @@ Blip2Runtime::Blip2Runtime(ModelSpec spec, std::shared_ptr<LoadedModule> image_e
   }
 }
 
-std::shared_ptr<Blip2Runtime> Blip2Runtime::Load(const ModelSpec& spec) {
+std::shared_ptr<Blip2Runtime> Blip2Runtime::Load(const ModelSpec& spec, std::function<void(int64_t)> on_weights) {
   auto image_encoder = LoadedModule::Load(spec.image_encoder.path, spec.device);
   auto language_model = LoadedModule::Load(spec.language_model.path, spec.device);
   std::vector<const char*> required = {"embed_tokens", "forward_full", "decode"};
@@ -61,6 +61,7 @@ std::shared_ptr<Blip2Runtime> Blip2Runtime::Load(const ModelSpec& spec) {
     // model runs in on the CPU, converted (or uploaded) once otherwise. The store goes away after
     // binding; the tensors keep their files mapped.
     WeightStore store(spec.weight_files, spec.weights);
+    store.OnTensor(std::move(on_weights));
     store.Bind(image_encoder->module, spec.image_encoder.path, spec.image_encoder.bindings, spec.device, spec.dtype);
     store.Bind(language_model->module, spec.language_model.path, spec.language_model.bindings, spec.device, spec.dtype);
   }

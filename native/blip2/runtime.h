@@ -3,6 +3,7 @@
 // Every method runs on the model device's executor thread.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <optional>
 #include <vector>
@@ -26,7 +27,8 @@ struct PreparedPrompts {
 
 class Blip2Runtime {
  public:
-  static std::shared_ptr<Blip2Runtime> Load(const ModelSpec& spec);
+  // `on_weights(bytes)` (may be empty): called as each weight tensor is bound (load progress).
+  static std::shared_ptr<Blip2Runtime> Load(const ModelSpec& spec, std::function<void(int64_t)> on_weights = nullptr);
 
   const ModelSpec& spec() const { return spec_; }
   const std::shared_ptr<LoadedModule>& image_encoder() const { return image_encoder_; }

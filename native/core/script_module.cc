@@ -6,6 +6,7 @@
 
 #include "blip2/model_spec.h"
 #include "core/addon_data.h"
+#include "core/js_channel.h"
 #include "core/weights.h"
 #include "core/async.h"
 #include "core/cancel_token.h"
@@ -202,6 +203,9 @@ Napi::Value NativeScriptModule::Load(const Napi::CallbackInfo& info) {
     std::vector<std::pair<std::string, int64_t>> files;
     std::vector<WeightRef> refs;
     at::ScalarType dtype = at::kFloat;
+    napi_ref progress_ref = nullptr;
+    if (info[3].IsFunction()) napi_create_reference(env, info[3], 1, &progress_ref);
+    std::shared_ptr<JsChannel> channel = AddonData::Get(env)->channel;
     if (info[2].IsObject()) {
       Napi::Object b = info[2].As<Napi::Object>();
       dtype = RequireDType(b.Get("dtype").ToString().Utf8Value(), "dtype");
@@ -212,15 +216,33 @@ Napi::Value NativeScriptModule::Load(const Napi::CallbackInfo& info) {
     }
     return RunAsync<std::shared_ptr<LoadedModule>>(
         env, device,
-        [path, device, bind, files, refs, dtype]() {
+        [path, device, bind, files, refs, dtype, progress_ref, channel]() {
           auto loaded = LoadedModule::Load(path, device);
           if (bind) {
             WeightStore store(files, refs);
+            if (progress_ref != nullptr) {
+              auto done = std::make_shared<int64_t>(0);
+              store.OnTensor([=](int64_t bytes) {
+                *done += bytes;
+                int64_t now = *done;
+                channel->Post([progress_ref, now](Napi::Env env) {
+                  napi_value fn = nullptr;
+                  if (napi_get_reference_value(env, progress_ref, &fn) != napi_ok || fn == nullptr) return;
+                  try {
+                    Napi::Function(env, fn).Call({Napi::Number::New(env, static_cast<double>(now))});
+                  } catch (const Napi::Error&) {
+                  }
+                });
+              });
+            }
             store.Bind(loaded->module, path, bind->bindings, device, dtype);
           }
           return loaded;
         },
-        [](Napi::Env env, std::shared_ptr<LoadedModule>& loaded) -> Napi::Value { return NativeScriptModule::Wrap(env, loaded); });
+        [](Napi::Env env, std::shared_ptr<LoadedModule>& loaded) -> Napi::Value { return NativeScriptModule::Wrap(env, loaded); },
+        nullptr, [progress_ref](Napi::Env env) {
+          if (progress_ref != nullptr) napi_delete_reference(env, progress_ref);
+        });
   });
 }
 

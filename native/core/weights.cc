@@ -111,6 +111,7 @@ at::Tensor WeightStore::Get(int index, const c10::Device& device, at::ScalarType
     out = view.to(device, want, /*non_blocking=*/false, /*copy=*/true);
   }
   made_.emplace(index, out);
+  if (on_tensor_) on_tensor_(r.nbytes);
   return out;
 }
 

@@ -4,6 +4,7 @@
 // no load time: pages come in from the page cache on first use); anything else is converted once.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <string>
 #include <unordered_map>
@@ -48,6 +49,8 @@ class WeightStore {
   // no parameter is left without a weight.
   void Bind(torch::jit::Module& module, const std::string& file, const std::vector<WeightBinding>& bindings,
             const c10::Device& device, at::ScalarType dtype);
+  // Called with the bytes of each tensor as it is made (load progress).
+  void OnTensor(std::function<void(int64_t)> callback) { on_tensor_ = std::move(callback); }
   // Bytes of weights that are views of the mapped files (not copied).
   int64_t mapped_bytes() const { return mapped_bytes_; }
 
@@ -56,6 +59,7 @@ class WeightStore {
   std::vector<WeightRef> refs_;
   std::unordered_map<int, at::Tensor> made_;
   int64_t mapped_bytes_ = 0;
+  std::function<void(int64_t)> on_tensor_;
 };
 
 }  // namespace blip2

@@ -24,6 +24,8 @@ export interface FromPretrainedOptions {
   dtype?: 'float32' | 'float16' | 'bfloat16';
   /** Aborts the load; fromPretrained() then rejects with AbortError (default: none). */
   signal?: AbortSignal;
+  /** Called as the load advances, ending with progress 1 (see LoadProgress); default: none. */
+  onLoadProgress?: (progress: LoadProgress) => void;
   /**
    * Sequences decoded together at most: the slots of the model's one KV cache, shared by every
    * generate() call (a call needs images x numBeams, or x numReturnSequences, of them). Default 16.
@@ -41,6 +43,34 @@ export interface FromPretrainedOptions {
   kvCacheMaxBytes?: number;
   /** Prompt tokens written into the cache per scheduler cycle, so long prompts interleave with decoding. Default 64 on the CPU, 512 on CUDA. */
   prefillChunk?: number;
+}
+
+/**
+ * What onLoadProgress receives, as node-llama-cpp's onLoadProgress and transformers.js's
+ * progress_callback: `progress` in (0, 1], never decreasing, over the bytes checked (the module
+ * files' sha256) and bound (the weights: views of the mapped files on the CPU, copies elsewhere).
+ */
+export interface LoadProgress {
+  progress: number;
+  loadedBytes: number;
+  totalBytes: number;
+}
+
+/** Reports load progress monotonically; a throwing callback aborts nothing (its error is reported once). */
+function progressReporter(callback: ((p: LoadProgress) => void) | undefined, totalBytes: number) {
+  if (callback !== undefined && typeof callback !== 'function') throw InvalidArgumentError.of('onLoadProgress', callback, 'a function');
+  let last = 0;
+  return (loadedBytes: number): void => {
+    if (!callback) return;
+    const progress = totalBytes > 0 ? Math.min(1, loadedBytes / totalBytes) : 1;
+    if (progress <= last && !(progress === 1 && last < 1)) return;
+    last = progress;
+    try {
+      callback({ progress, loadedBytes: Math.min(loadedBytes, totalBytes), totalBytes });
+    } catch (e) {
+      process.emitWarning(`onLoadProgress threw: ${(e as Error).message}`);
+    }
+  };
 }
 
 /** Live figures of one loaded model's scheduler (model.stats()). */
@@ -322,7 +352,7 @@ export class Blip2ForConditionalGeneration {
 /** Loads the captioning runtime (modules, weights, scheduler and KV cache) of a folder serving `className`. */
 async function loadRuntime(modelDir: string, options: FromPretrainedOptions, className: string): Promise<{ native: NativeBlip2Model; folder: ModelFolder }> {
   if (options === null || typeof options !== 'object') throw InvalidArgumentError.of('options', options, 'an object');
-    const device = requireDeviceString(options.device ?? 'cpu', 'device');
+  const device = requireDeviceString(options.device ?? 'cpu', 'device');
   const signal = requireSignal(options.signal, 'signal');
   if (options.dtype !== undefined && !['float32', 'float16', 'bfloat16'].includes(options.dtype)) {
     throw InvalidArgumentError.of('dtype', options.dtype, "'float32', 'float16' or 'bfloat16'");
@@ -336,6 +366,10 @@ async function loadRuntime(modelDir: string, options: FromPretrainedOptions, cla
   const eos = manifest.special_tokens.eos_token_id?.[0] ?? -1;
   const scheduler = schedulerOptions(options, manifest, dtype, device);
   const { weights, modules } = folder.nativeWeights(['image_encoder', 'language_model']);
+  const checked = manifest.modules.image_encoder.bytes + manifest.modules.language_model.bytes;
+  const weightBytes = weights.tensors.reduce((sum, t) => sum + t.nbytes, 0);
+  const report = progressReporter(options.onLoadProgress, checked + weightBytes);
+  report(checked);
   const native = await withAbort(
     signal,
     (token) => NativeModel.load({
@@ -360,9 +394,10 @@ async function loadRuntime(modelDir: string, options: FromPretrainedOptions, cla
         decoderStartTokenId: manifest.special_tokens.decoder_start_token_id ?? manifest.special_tokens.pad_token_id ?? 0,
         maxEncoderLength: manifest.max_encoder_length as number,
       } : {}),
-    }, scheduler, token),
+    }, scheduler, token, (bound) => report(checked + bound)),
     (late) => void late.dispose(),
   );
+  report(checked + weightBytes);
   return { native, folder };
 }
 
@@ -430,6 +465,8 @@ export interface FeatureModelOptions {
   dtype?: 'float32' | 'float16' | 'bfloat16';
   /** Aborts the load (default: none). */
   signal?: AbortSignal;
+  /** Called as the load advances, ending with progress 1 (see LoadProgress); default: none. */
+  onLoadProgress?: (progress: LoadProgress) => void;
 }
 
 /** Per-call options of the feature and retrieval models. */
@@ -464,11 +501,20 @@ async function loadModules(modelDir: string, className: string, names: string[],
   requireClass(folder, className);
   const dtype: NativeDType = options.dtype ?? folder.manifest.dtype;
   const modules: Record<string, ScriptModule> = {};
+  const parts = names.map((name) => ({ name, ...folder.nativeWeights([name]) }));
+  const checked = names.reduce((sum, n) => sum + folder.manifest.modules[n].bytes, 0);
+  const total = checked + parts.reduce((sum, p) => sum + p.weights.tensors.reduce((s2, t) => s2 + t.nbytes, 0), 0);
+  const report = progressReporter(options.onLoadProgress, total);
+  report(checked);
+  let done = checked;
   try {
-    for (const name of names) {
-      const { weights, modules: specs } = folder.nativeWeights([name]);
-      modules[name] = await ScriptModule.loadWithWeights(specs[name].path, device, { weights, dtype, parameters: specs[name].parameters }, signal);
+    for (const { name, weights, modules: specs } of parts) {
+      const before = done;
+      modules[name] = await ScriptModule.loadWithWeights(specs[name].path, device, { weights, dtype, parameters: specs[name].parameters }, signal,
+        (bound) => report(before + bound));
+      done = before + weights.tensors.reduce((s2, t) => s2 + t.nbytes, 0);
     }
+    report(total);
   } catch (e) {
     for (const m of Object.values(modules)) m.dispose();
     throw e;
