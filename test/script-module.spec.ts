@@ -4,7 +4,9 @@ import * as os from 'node:os';
 import * as path from 'node:path';
 import { monitorEventLoopDelay } from 'node:perf_hooks';
 
-import { AbortError, DisposedError, InvalidArgumentError, ModelLoadError, ScriptModule, Tensor, TorchError, liveTensorCount } from '../lib';
+import {
+  AbortError, DisposedError, InvalidArgumentError, ModelLoadError, OutOfMemoryError, ScriptModule, Tensor, TorchError, liveTensorCount,
+} from '../lib';
 import { settleFinalizers } from './support/gc';
 import { testModulePath } from './support/python';
 
@@ -67,6 +69,25 @@ describe('ScriptModule (TorchScript saved by Python torch)', () => {
     await assert.rejects(ops.call('forward', [Tensor.from([[1, 2, 3]])]), TorchError);
     const y = (await ops.call('forward', [Tensor.from([[1, 1]])])) as Tensor;
     assert.deepEqual(await y.toList(), [3, 5, 7]);
+  });
+
+  it('a host allocation that fails is an OutOfMemoryError (not a TorchError), and the module keeps working', async () => {
+    await assert.rejects(ops.call('zeros', [2 ** 45]), (e: unknown) => {
+      assert.ok(e instanceof OutOfMemoryError, String(e));
+      assert.equal(e.code, 'ERR_BLIP2_OUT_OF_MEMORY');
+      assert.match(e.message, /^out of memory: DefaultCPUAllocator: can't allocate memory: you tried to allocate 140737488355328 bytes/);
+      return true;
+    });
+    const small = (await ops.call('zeros', [3])) as Tensor;
+    assert.deepEqual(await small.toList(), [0, 0, 0]);
+  });
+
+  it('the arity message names the method once, with its schema', async () => {
+    await assert.rejects(ops.call('forward', [Tensor.from([1]), Tensor.from([2]), Tensor.from([3])]), (e: unknown) => {
+      assert.ok(e instanceof InvalidArgumentError);
+      assert.match(e.message, /^argument 'args' is 3 arguments; expected at most 1 for forward\(Tensor x\) -> Tensor$/);
+      return true;
+    });
   });
 
   it('rejects arguments that do not fit the schema with typed errors naming them', async () => {

@@ -36,6 +36,22 @@ static std::string WithContext(const std::string& context, const std::string& me
   return context.empty() ? message : context + ": " + message;
 }
 
+// libtorch reports a failed host allocation as a plain c10::Error ("DefaultCPUAllocator: can't
+// allocate memory"), and errors inside TorchScript arrive as std::runtime_error with the text;
+// CUDA's are "CUDA out of memory".
+static bool IsAllocationFailure(const std::string& message) {
+  return message.find("out of memory") != std::string::npos || message.find("can't allocate memory") != std::string::npos ||
+         message.find("Cannot allocate memory") != std::string::npos;
+}
+
+static std::string OutOfMemoryMessage(const std::string& message) {
+  // The first line says what failed; TorchScript's own traceback follows it.
+  size_t start = message.find("DefaultCPUAllocator");
+  std::string line = message.substr(start == std::string::npos ? 0 : start);
+  size_t end = line.find('\n');
+  return "out of memory: " + (end == std::string::npos ? line : line.substr(0, end));
+}
+
 Error ErrorFromException(std::exception_ptr error, const std::string& context) {
   try {
     std::rethrow_exception(error);
@@ -45,15 +61,15 @@ Error ErrorFromException(std::exception_ptr error, const std::string& context) {
   } catch (const c10::OutOfMemoryError& e) {
     return Error(ErrorCode::kOutOfMemory, WithContext(context, e.what_without_backtrace()));
   } catch (const c10::Error& e) {
-    return Error(ErrorCode::kTorch, WithContext(context, e.what_without_backtrace()));
+    std::string message = e.what_without_backtrace();
+    if (IsAllocationFailure(message)) return Error(ErrorCode::kOutOfMemory, WithContext(context, OutOfMemoryMessage(message)));
+    return Error(ErrorCode::kTorch, WithContext(context, message));
   } catch (const std::bad_alloc&) {
     return Error(ErrorCode::kOutOfMemory, WithContext(context, "out of host memory"));
   } catch (const std::exception& e) {
     // TorchScript interpreter errors arrive as std::runtime_error; CUDA OOM inside a script too.
     std::string message = e.what();
-    if (message.find("out of memory") != std::string::npos) {
-      return Error(ErrorCode::kOutOfMemory, WithContext(context, message));
-    }
+    if (IsAllocationFailure(message)) return Error(ErrorCode::kOutOfMemory, WithContext(context, OutOfMemoryMessage(message)));
     return Error(ErrorCode::kTorch, WithContext(context, message));
   } catch (...) {
     return Error(ErrorCode::kInternal, WithContext(context, "unknown native exception"));

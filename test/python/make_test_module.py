@@ -59,6 +59,11 @@ class Ops(torch.nn.Module):
         return position
 
     @torch.jit.export
+    def zeros(self, n: int) -> Tensor:
+        # An allocation of the caller's size (host out-of-memory tests).
+        return torch.zeros([n])
+
+    @torch.jit.export
     def busy(self, iterations: int) -> Tensor:
         # Deterministic CPU-heavy work for event-loop tests: iterations x (256x256 matmul).
         a = torch.full([256, 256], 1.0 / 256.0)
