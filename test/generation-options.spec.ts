@@ -313,6 +313,40 @@ describe('generate: options, stopping, sampling, streaming, errors', () => {
       fs.writeFileSync(path.join(broken, 'manifest.json'), JSON.stringify(manifest));
       await rejectsNaming('weights.safetensors', new RegExp(`tensor '${key.replace(/\./g, '\\.')}' lies past the end`));
     });
+    const editManifest = (edit: (m: Record<string, any>) => void) => {
+      const file = path.join(broken, 'manifest.json');
+      const manifest = JSON.parse(fs.readFileSync(file, 'utf8'));
+      edit(manifest);
+      fs.writeFileSync(file, JSON.stringify(manifest));
+    };
+    for (const [what, edit, field] of [
+      ['no special_tokens', (m: Record<string, any>) => { delete m.special_tokens; }, /'special_tokens' is undefined; expected an object of token ids/],
+      ['a bad dtype', (m: Record<string, any>) => { m.dtype = 'int8'; }, /'dtype' is "int8"; expected one of float32, float16, bfloat16/],
+      ['a dtype the weights do not have', (m: Record<string, any>) => { m.dtype = 'bfloat16'; }, /'dtype' is "bfloat16"; the weights are float32/],
+      ['a wrong num_layers', (m: Record<string, any>) => { m.language_model.num_layers = 3; }, /'language_model.num_layers' is 3; the weights have 2 decoder layers/],
+      ['a wrong head_dim', (m: Record<string, any>) => { m.language_model.head_dim = 16; }, /'language_model.head_dim' is 16; num_heads x head_dim is 64 but the attention projections are 48 wide/],
+      ['a wrong vocab_size', (m: Record<string, any>) => { m.vocab_size = 500; }, /'vocab_size' is 500; the LM head is \[392, 48\]/],
+      ['a bos id outside the vocabulary', (m: Record<string, any>) => { m.special_tokens.bos_token_id = 9999; }, /'special_tokens.bos_token_id' is 9999; expected null or a token id below 392/],
+    ] as const) {
+      it(`a manifest with ${what} fails at load naming the field`, async () => {
+        editManifest(edit);
+        await rejectsNaming('manifest.json', field);
+        // The process still serves a correct request.
+        const ok = await model.generate({ pixelValues: pixels }, { maxNewTokens: 2 });
+        assert.deepEqual(ok.shape, [1, 9]);
+      });
+    }
+    it('bad values in generation_config.json fail the load naming the file and the field, not a later generate()', async () => {
+      const file = path.join(broken, 'generation_config.json');
+      const config = JSON.parse(fs.readFileSync(file, 'utf8'));
+      config.do_sample = 'yes';
+      fs.writeFileSync(file, JSON.stringify(config));
+      await rejectsNaming('generation_config.json', /'do_sample' is "yes"; expected a boolean/);
+      config.do_sample = false;
+      config.top_p = 7;
+      fs.writeFileSync(file, JSON.stringify(config));
+      await rejectsNaming('generation_config.json', /'top_p' is 7; expected a number in \(0, 1\]/);
+    });
     it('a manifest whose module path leaves the folder', async () => {
       const manifest = JSON.parse(fs.readFileSync(path.join(broken, 'manifest.json'), 'utf8'));
       manifest.modules.language_model.file = '../language_model.pt';

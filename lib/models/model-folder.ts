@@ -157,6 +157,61 @@ async function readSafetensorsHeader(file: string, fileIndex: number, size: numb
   }
 }
 
+const DTYPES = ['float32', 'float16', 'bfloat16'];
+
+/**
+ * The manifest's numbers must describe the weights it ships: a hand-edited or mismatched manifest
+ * fails here, naming the field, instead of inside the first generate().
+ */
+function checkAgainstWeights(manifest: Manifest, weights: Map<string, WeightTensor>, file: string): void {
+  const damaged = (field: string, value: unknown, expected: string) =>
+    new ModelLoadError(`'${file}' is damaged: '${field}' is ${JSON.stringify(value)}; ${expected}`, { file });
+  if (!DTYPES.includes(manifest.dtype)) throw damaged('dtype', manifest.dtype, `expected one of ${DTYPES.join(', ')}`);
+  const keep = new Set(manifest.weights.keep_float32);
+  for (const [key, t] of weights) {
+    const floating = t.dtype === 'float32' || t.dtype === 'float16' || t.dtype === 'bfloat16';
+    const expected = keep.has(key) && manifest.dtype === 'float16' ? 'float32' : manifest.dtype;
+    if (floating && t.dtype !== expected) throw damaged('dtype', manifest.dtype, `the weights are ${t.dtype} (tensor '${key}')`);
+  }
+  const tokens = manifest.special_tokens as unknown as Record<string, unknown> | undefined;
+  if (tokens === null || typeof tokens !== 'object') throw damaged('special_tokens', tokens, 'expected an object of token ids');
+  const vocab = manifest.architecture === 'itm' ? manifest.qformer.vocab_size : manifest.vocab_size;
+  const isId = (v: unknown) => v === null || (typeof v === 'number' && Number.isSafeInteger(v) && v >= 0 && (vocab === undefined || v < vocab));
+  for (const name of ['bos_token_id', 'pad_token_id', 'decoder_start_token_id']) {
+    if (tokens[name] !== undefined && !isId(tokens[name])) throw damaged(`special_tokens.${name}`, tokens[name], `expected null or a token id below ${vocab}`);
+  }
+  const eos = tokens.eos_token_id;
+  if (eos !== undefined && eos !== null && !(Array.isArray(eos) && eos.every(isId))) {
+    throw damaged('special_tokens.eos_token_id', eos, `expected null or a list of token ids below ${vocab}`);
+  }
+  if (manifest.architecture === 'itm') return;
+  const lm = manifest.modules.language_model?.parameters;
+  if (!lm) throw damaged('modules.language_model', undefined, 'expected the language model module');
+  const shape = (parameter: string) => weights.get(lm[parameter])?.shape;
+  // The head's rows are the vocabulary, its columns the embedding width.
+  const head = shape('lm_head.weight');
+  if (head && (head[0] !== manifest.vocab_size || head[1] !== manifest.language_model.embed_dim)) {
+    throw damaged(head[0] !== manifest.vocab_size ? 'vocab_size' : 'language_model.embed_dim',
+      head[0] !== manifest.vocab_size ? manifest.vocab_size : manifest.language_model.embed_dim, `the LM head is [${head.join(', ')}]`);
+  }
+  // Decoder layers and their attention width.
+  const layer = manifest.architecture === 't5' ? /^decoder\.block\.(\d+)\./ : /^model\.decoder\.layers\.(\d+)\./;
+  let layers = 0;
+  for (const parameter of Object.keys(lm)) {
+    const m = layer.exec(parameter);
+    if (m) layers = Math.max(layers, Number(m[1]) + 1);
+  }
+  if (layers !== manifest.language_model.num_layers) {
+    throw damaged('language_model.num_layers', manifest.language_model.num_layers, `the weights have ${layers} decoder layers`);
+  }
+  const q = shape(manifest.architecture === 't5' ? 'decoder.block.0.layer.0.SelfAttention.q.weight' : 'model.decoder.layers.0.self_attn.q_proj.weight');
+  const width = manifest.language_model.num_heads * manifest.language_model.head_dim;
+  if (q && q[0] !== width) {
+    throw damaged('language_model.head_dim', manifest.language_model.head_dim,
+      `num_heads x head_dim is ${width} but the attention projections are ${q[0]} wide`);
+  }
+}
+
 function safeChild(dir: string, name: unknown, manifestPath: string, what: string): string {
   // Model folders are code: a manifest must not point outside its folder.
   if (typeof name !== 'string' || name.length === 0 || path.isAbsolute(name) || name.split(/[\\/]/).includes('..')) {
@@ -279,6 +334,7 @@ export async function readModelFolder(dir: string): Promise<ModelFolder> {
       }
     }
   }
+  checkAgainstWeights(manifest, weights, manifestPath);
   const config = (await readJson(path.join(dir, 'config.json'), false)) ?? {};
   const generationConfig = await readJson(path.join(dir, 'generation_config.json'), false);
   return {

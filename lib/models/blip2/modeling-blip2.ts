@@ -365,6 +365,7 @@ async function loadRuntime(modelDir: string, options: FromPretrainedOptions, cla
   const bos = manifest.special_tokens.bos_token_id ?? -1;
   const eos = manifest.special_tokens.eos_token_id?.[0] ?? -1;
   const scheduler = schedulerOptions(options, manifest, dtype, device);
+  checkGenerationConfig(folder);
   const { weights, modules } = folder.nativeWeights(['image_encoder', 'language_model']);
   const checked = manifest.modules.image_encoder.bytes + manifest.modules.language_model.bytes;
   const weightBytes = weights.tensors.reduce((sum, t) => sum + t.nbytes, 0);
@@ -399,6 +400,27 @@ async function loadRuntime(modelDir: string, options: FromPretrainedOptions, cla
   );
   report(checked + weightBytes);
   return { native, folder };
+}
+
+/**
+ * generation_config.json gives generate()'s defaults: a bad value there is the file's fault, so it
+ * fails the load naming the file and field, not every later call naming an option never passed.
+ */
+function checkGenerationConfig(folder: ModelFolder): void {
+  if (!folder.generationConfig) return;
+  try {
+    resolveGenerateOptions({}, {
+      generationConfig: folder.generationConfig,
+      eosTokenIds: folder.manifest.special_tokens.eos_token_id ?? [],
+      padTokenId: folder.manifest.special_tokens.pad_token_id,
+      vocabSize: folder.manifest.vocab_size,
+    });
+  } catch (e) {
+    if (!(e instanceof InvalidArgumentError)) throw e;
+    const file = path.join(folder.dir, 'generation_config.json');
+    const field = (e.argument ?? '').replace(/\[\d+\]$/, '').replace(/[A-Z]/g, (c) => `_${c.toLowerCase()}`);
+    throw new ModelLoadError(`'${file}' is damaged: '${field}' is ${e.value}; expected ${e.expected}`, { file });
+  }
 }
 
 const DEFAULT_KV_CACHE_MAX_BYTES = 8 * 1024 ** 3;
