@@ -147,7 +147,9 @@ export class Blip2ForConditionalGeneration {
 
   /** Query embeddings in the language model's space, [B, num_query_tokens, hidden] (vision → Q-Former → projection). */
   getImageFeatures(pixelValues: Tensor, options: { signal?: AbortSignal } = {}): Promise<Tensor> {
-    return this.#run(options.signal, async (token) => Tensor.fromNative(await this.#native.encodeImages(Tensor.native(pixelValues, 'pixelValues'), token)));
+    if (options === null || typeof options !== 'object') return Promise.reject(InvalidArgumentError.of('options', options, 'an object'));
+    return this.#run(options.signal, async (token) => Tensor.fromNative(await this.#native.encodeImages(Tensor.native(pixelValues, 'pixelValues'), token)),
+      (late) => late.dispose());
   }
 
   /** transformers' forward: `logits` [B, T, V] over every position (image positions included). */
