@@ -18,7 +18,13 @@ export type {
   ImageTextRetrievalOutput, LoadProgress,
 } from './models/blip2/modeling-blip2';
 export type { TokenDelta } from './generation/streaming';
-export type { Blip2Config, GenerationConfig } from './models/blip2/configuration';
+export {
+  PreTrainedConfig, Blip2Config, Blip2VisionConfig, Blip2QFormerConfig, OPTConfig, T5Config, GenerationConfig,
+} from './models/blip2/configuration';
+export type {
+  ConfigJSON, ConfigClass, PreTrainedConfigJSON, Blip2ConfigJSON, Blip2VisionConfigJSON, Blip2QFormerConfigJSON, OPTConfigJSON, T5ConfigJSON,
+  GenerationConfigJSON, Blip2TextConfig,
+} from './models/blip2/configuration';
 export type { GenerateOptions, GenerationStep } from './generation/options';
 export { readModelFolder } from './models/model-folder';
 export type { Manifest, ModelFolder } from './models/model-folder';

@@ -220,7 +220,8 @@ function safeChild(dir: string, name: unknown, manifestPath: string, what: strin
   return path.join(dir, name);
 }
 
-async function readJson(file: string, required: boolean): Promise<Record<string, unknown> | null> {
+/** Reads JSON object `file` (lib's one JSON reader); null when absent and not `required`; ModelLoadError naming the file when unreadable or damaged. */
+export async function readJson(file: string, required: boolean): Promise<Record<string, unknown> | null> {
   let text: string;
   try {
     text = await fs.readFile(file, 'utf8');

@@ -14,7 +14,7 @@ import { Tensor } from '../../tensor/tensor';
 import * as path from 'node:path';
 
 import { type Manifest, type ModelFolder, readModelFolder } from '../model-folder';
-import type { Blip2Config, GenerationConfig } from './configuration';
+import type { Blip2ConfigJSON as Blip2Config, GenerationConfigJSON as GenerationConfig } from './configuration';
 
 /** Options of Blip2ForConditionalGeneration.fromPretrained(). */
 export interface FromPretrainedOptions {
