@@ -55,6 +55,7 @@ export interface DecodedImage extends NativeImage {
   converted: boolean;
 }
 
+/** Images with more pixels than this are rejected from their header unless maxPixels says otherwise. */
 export const DEFAULT_MAX_PIXELS = 100_000_000;
 /** Pixels of all the images of one call together, unless maxTotalPixels says otherwise (and at least maxPixels). */
 export const DEFAULT_MAX_TOTAL_PIXELS = 100_000_000;

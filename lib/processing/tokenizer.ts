@@ -58,6 +58,7 @@ export interface DecodeOptions {
 /** Token ids: numbers or bigints (an array or a typed array). */
 export type TokenIds = ArrayLike<number | bigint>;
 
+/** Options of the PreTrainedTokenizer constructor and fromPretrained(). */
 export interface TokenizerOptions {
   /**
    * The largest maxLength / padToMultipleOf accepted: what the model holds. Default: the smaller
@@ -65,7 +66,11 @@ export interface TokenizerOptions {
    * length; TEXT_LIMITS.defaultMaxLengthBound when neither is known.
    */
   maxLengthBound?: number;
-  /** The model's vocabulary size when it is larger than the tokenizer's (padded LM vocabularies); decode accepts ids below it. */
+  /**
+   * The model's vocabulary size when it is larger than the tokenizer's (padded LM vocabularies);
+   * decode accepts ids below it. Default: the tokenizer's own size (fromPretrained: the folder's
+   * model vocabulary when larger).
+   */
   vocabSize?: number;
 }
 

@@ -501,9 +501,9 @@ export interface CallOptions {
 
 /** transformers' BaseModelOutputWithPooling. */
 export interface ModelOutputWithPooling {
-  /** [B, P, D]: the last layer's hidden states. */
+  /** `[B, P, D]`: the last layer's hidden states. */
   lastHiddenState: Tensor;
-  /** [B, D]: the vision model's pooled CLS row (post_layernorm applied again, as transformers), or the Q-Former's first row. */
+  /** `[B, D]`: the vision model's pooled CLS row (post_layernorm applied again, as transformers), or the Q-Former's first row. */
   poolerOutput: Tensor;
 }
 
