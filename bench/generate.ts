@@ -73,7 +73,7 @@ async function benchNode(preset: string, modelDir: string, batch: number, varian
   if (variant === 'plain') process.env.BLIP2_LINEAR_KERNEL = 'off';
   else delete process.env.BLIP2_LINEAR_KERNEL;
   const model = await Blip2ForConditionalGeneration.fromPretrained(modelDir);
-  const pixels = randomPixels(batch, model.manifest.image_size[0], 1);
+  const pixels = randomPixels(batch, (model.manifest.image_size as [number, number])[0], 1);
   const once = async () => {
     const start = performance.now();
     let first = 0;
