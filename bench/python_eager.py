@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """In-house Python baseline: BLIP-2 OPT captioning with our modules run EAGERLY (no TorchScript).
 
-    /usr/bin/python3 bench/python_eager.py --checkpoint <hf-dir> --batch 1 --new-tokens 20 \
+    .venv/bin/python bench/python_eager.py --checkpoint <hf-dir> --batch 1 --new-tokens 20 \
         --threads 2 --runs 5 --warmup 1
 
 Builds export/blip2_export's modules from the HF checkpoint folder, makes seeded random

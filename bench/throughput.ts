@@ -1,0 +1,138 @@
+// Serving throughput: N concurrent clients on one model (the native scheduler batches their
+// generate() calls), against our one-by-one (N = 1) and transformers' static batches of the same
+// sizes (bench/hf_throughput.py), on the same checkpoint, torch and threads, in one run.
+//
+//   npx tsx bench/throughput.ts [--model mid] [--concurrency 1,4,16,64] [--requests R] [--seconds 120]
+//       [--threads 2] [--new-tokens 20] [--hf-batches 1,4,16,64] [--hf-runs 2] [--hf-attn sdpa] [--no-hf]
+//
+// Requests: 8 seeded images (320x240, through the model folder's Blip2Processor) with 4 prompts of
+// different lengths, request i = item i % 8; greedy, exactly --new-tokens tokens (EOS disabled).
+// Ours: a fresh process per concurrency level loads the model (maxBatchSize 16, 64 for levels
+// above 16), runs one untimed wave of N requests, then a closed loop: N clients each send their
+// next request when the last one answered, until --requests (default max(16, 4N)) were sent or
+// --seconds passed; the ones in flight finish. requests/s = completed / elapsed (the final drain
+// included), latency = the generate() call until its sequences, event-loop delay = p99 of
+// perf_hooks.monitorEventLoopDelay over the loop.
+// Transformers: batch B = the first B requests (left-padded), one generate() call each (image
+// encoding included): requests/s = B / the median call time of --hf-runs calls after one warm-up.
+import * as fs from 'node:fs';
+import { monitorEventLoopDelay } from 'node:perf_hooks';
+import * as path from 'node:path';
+
+import { Blip2ForConditionalGeneration, Tensor, setNumThreads } from '../lib';
+
+import {
+  arg, imageSize, CACHE, closedLoop, flag, list, machine, makeRequests, prepare, printJson, quantile, round, rssMb,
+  runChild, runPython, ROOT, writeRequests,
+} from './common';
+
+const threads = Number(arg('threads', '2'));
+const newTokens = Number(arg('new-tokens', '20'));
+const seconds = Number(arg('seconds', '120'));
+const ITEMS = 8;
+
+async function child(): Promise<void> {
+  await setNumThreads(threads);
+  const modelDir = arg('model-dir', '');
+  const concurrency = Number(arg('concurrency', '1'));
+  const maxBatchSize = Number(arg('max-batch', '16'));
+  const requests = Number(arg('requests', '16'));
+  const model = await Blip2ForConditionalGeneration.fromPretrained(modelDir, { maxBatchSize });
+  const size = imageSize(model);
+  const inputs = (await makeRequests(modelDir, ITEMS)).map((r) => ({
+    pixelValues: Tensor.from(r.pixels, [1, 3, size, size]),
+    inputIds: Tensor.from(BigInt64Array.from(r.ids.map(BigInt)), [1, r.ids.length]),
+    attentionMask: Tensor.from(BigInt64Array.from(r.ids.map(() => 1n)), [1, r.ids.length]),
+  }));
+  const send = async (i: number) => {
+    const out = await model.generate(inputs[i % ITEMS], { maxNewTokens: newTokens, eosTokenId: [] });
+    out.dispose();
+  };
+  await closedLoop(concurrency, concurrency, seconds, send); // warm-up wave: every batch shape once
+  const before = model.stats();
+  const delay = monitorEventLoopDelay({ resolution: 5 });
+  delay.enable();
+  const r = await closedLoop(concurrency, requests, seconds, send);
+  delay.disable();
+  const after = model.stats();
+  const steps = after.decodeSteps - before.decodeSteps;
+  printJson({
+    event: 'ours', concurrency, max_batch_size: maxBatchSize, slots: after.slots, requests: r.completed, seconds: round(r.seconds),
+    requests_per_s: round(r.completed / r.seconds), tokens_per_s: round((r.completed * newTokens) / r.seconds, 1),
+    p50_ms: round(quantile(r.latencies_ms, 0.5), 1), p99_ms: round(quantile(r.latencies_ms, 0.99), 1),
+    event_loop_delay_p99_ms: round(delay.percentile(99) / 1e6, 2), event_loop_delay_max_ms: round(delay.max / 1e6, 2),
+    decode_steps: steps, // Each request's first token comes from its prefill, the rest from decode steps.
+    mean_step_rows: round((after.generatedTokens - before.generatedTokens - r.completed) / Math.max(steps, 1), 2),
+    largest_step_rows: after.largestStepRows, ...rssMb(),
+  });
+  for (const t of inputs) {
+    t.pixelValues.dispose();
+    t.inputIds.dispose();
+    t.attentionMask.dispose();
+  }
+  await model.dispose();
+}
+
+async function main(): Promise<void> {
+  const preset = arg('model', 'mid');
+  const levels = list('concurrency', '1,4,16,64').map(Number);
+  const hfBatches = flag('no-hf') ? [] : list('hf-batches', levels.join(',')).map(Number);
+  const hfAttn = list('hf-attn', 'sdpa');
+  const { checkpoint, modelDir } = prepare(preset);
+  const setup = { bench: 'throughput', setup: true, model: preset, threads, new_tokens: newTokens, seconds, ...machine() };
+  printJson(setup);
+
+  const ours = new Map<number, Record<string, any>>();
+  for (const c of levels) {
+    const requests = arg('requests', String(Math.max(16, 4 * c)));
+    const maxBatch = c > 16 ? 64 : 16;
+    const [row] = (await runChild(__filename, ['--child', '--model-dir', modelDir, '--concurrency', String(c), '--max-batch', String(maxBatch),
+      '--requests', requests, '--threads', String(threads), '--new-tokens', String(newTokens), '--seconds', String(seconds)]))
+      .filter((l) => l.event === 'ours');
+    printJson({ bench: 'throughput', impl: 'blip2-node', ...row });
+    ours.set(c, row);
+  }
+
+  const hf = new Map<string, Record<string, any>>();
+  if (hfBatches.length) {
+    const base = path.join(CACHE, `requests-${preset}`);
+    const imageSize = Number(JSON.parse(fs.readFileSync(path.join(modelDir, 'manifest.json'), 'utf8')).image_size[0]);
+    writeRequests(base, await makeRequests(modelDir, ITEMS), imageSize);
+    for (const attn of hfAttn) {
+      for (const row of runPython(path.join(ROOT, 'bench', 'hf_throughput.py'), ['--checkpoint', checkpoint, '--requests', base,
+        '--batches', hfBatches.join(','), '--runs', arg('hf-runs', '2'), '--threads', String(threads), '--new-tokens', String(newTokens),
+        '--attn', attn])) {
+        printJson({ bench: 'throughput', ...row });
+        if (row.event === 'batch') hf.set(`${attn}:${row.batch}`, row);
+      }
+    }
+  }
+
+  const fmt = (v: number | undefined, d = 2) => (v !== undefined && Number.isFinite(v) ? v.toFixed(d) : '');
+  console.log(`\nmachine: ${setup.cpu} x${setup.cpus}, ${setup.mem_gib} GiB, load average ${setup.loadavg_1m} at the start; model ${preset}; ` +
+    `${threads} threads; ${newTokens} new tokens per request`);
+  console.log('| concurrency | requests | req/s | tokens/s | p50 ms | p99 ms | event-loop p99 ms | mean rows/step | vs our one-by-one |' +
+    hfAttn.map((a) => ` transformers ${a} batch req/s | ours / transformers ${a} |`).join(''));
+  console.log('|---|---|---|---|---|---|---|---|---|' + hfAttn.map(() => '---|---|').join(''));
+  const one = ours.get(1)?.requests_per_s;
+  for (const c of levels) {
+    const o = ours.get(c)!;
+    const cells = hfAttn.map((a) => {
+      const h = hf.get(`${a}:${c}`);
+      return ` ${fmt(h?.requests_per_s)} | ${h ? fmt(o.requests_per_s / h.requests_per_s) + 'x' : ''} |`;
+    }).join('');
+    console.log(`| ${c} | ${o.requests} | ${fmt(o.requests_per_s)} | ${fmt(o.tokens_per_s, 1)} | ${fmt(o.p50_ms, 0)} | ${fmt(o.p99_ms, 0)} | ` +
+      `${fmt(o.event_loop_delay_p99_ms, 1)} | ${fmt(o.mean_step_rows)} | ${one ? fmt(o.requests_per_s / one) + 'x' : ''} |${cells}`);
+  }
+  const o16 = ours.get(16);
+  if (o16 && one) {
+    const h16 = hf.get(`${hfAttn[0]}:16`);
+    console.log(`\ngoals at 16 concurrent: ${(o16.requests_per_s / one).toFixed(2)}x our one-by-one (goal >= 4x)` +
+      (h16 ? `, ${(o16.requests_per_s / h16.requests_per_s).toFixed(2)}x transformers ${hfAttn[0]} static batch 16 (goal >= 1.25x)` : ''));
+  }
+}
+
+(flag('child') ? child() : main()).catch((e) => {
+  console.error(e);
+  process.exit(1);
+});
