@@ -161,7 +161,7 @@ describe('blip2 CLI', () => {
       assert.match(result.stderr, /^3 of 6 file\(s\) captioned in [\d.]+ s \([\d.]+ images\/s\) on cpu; 3 failed$/m);
     });
 
-    it('--json: one array in argument order; batching and concurrency do not change the results; exit code 0 when all succeed', () => {
+    it('--json: one array in argument order; batching, concurrency and --attention sdpa do not change the results; exit code 0 when all succeed', () => {
       const run = (extra: string[]) => {
         const result = blip2(['caption', ...good(), '--model', 'models/tiny-random-opt', '--json', '--max-new-tokens', '10', ...extra]);
         assert.equal(result.status, 0, result.stderr);
@@ -170,6 +170,8 @@ describe('blip2 CLI', () => {
       const one = run(['--batch', '1', '--concurrency', '1']);
       assert.deepEqual(one.map((r) => r.file), good());
       assert.deepEqual(run(['--batch', '2', '--concurrency', '3']), one);
+      // --attention sdpa: the same words (the demo model's vision outputs move by ~1e-7).
+      assert.deepEqual(run(['--batch', '2', '--attention', 'sdpa']), one);
       // A quoted glob (no shell expansion) finds the same files.
       const globbed = blip2(['caption', path.join(dir, '**', '*.{jpg,jpeg,PNG}'), '--model', 'models/tiny-random-opt', '--json', '--max-new-tokens', '10']);
       assert.equal(globbed.status, 1, globbed.stderr); // truncated.jpg is matched too
@@ -218,6 +220,8 @@ describe('blip2 CLI', () => {
       ['caption', 'assets/demo.jpg', ...model, '--concurrency', 'two'],
       ['caption', 'assets/demo.jpg', ...model, '--json', '--jsonl'],
       ['caption', 'assets/demo.jpg', ...model, '--no-such-flag', '1'],
+      ['caption', 'assets/demo.jpg', ...model, '--attention', 'flash'],
+      ['serve', ...model, '--attention', 'flash'],
       ['caption', path.join(REPO_ROOT, 'typings'), ...model], // a folder without images: nothing to caption
       ['caption', path.join(REPO_ROOT, 'assets', '*.nothing'), ...model],
     ]) {

@@ -157,6 +157,25 @@ describe('the BLIP-2 family against transformers 5.18 (tiny checkpoints made by 
       await qformer.dispose();
     });
 
+    it("attention 'sdpa': vision outputs within 1e-5 of eager and of transformers, generate ids equal eager's", async () => {
+      const eager = await Blip2VisionModel.fromPretrained(modelDir);
+      const sdpa = await Blip2VisionModel.fromPretrained(modelDir, { attention: 'sdpa' });
+      const pixelValues = ref.tensor('pixel_values');
+      const e = (await (await eager.forward({ pixelValues })).lastHiddenState.toArray()) as Float32Array;
+      const s = await sdpa.forward({ pixelValues });
+      worst['vision (sdpa) last_hidden_state'] = await close(s.lastHiddenState, ref, 'vision/last_hidden_state');
+      const fusedVsEager = maxAbsDiff((await s.lastHiddenState.toArray()) as Float32Array, e);
+      assert.ok(fusedVsEager <= 1e-5, `sdpa vs eager: ${fusedVsEager}`);
+      await eager.dispose();
+      await sdpa.dispose();
+      const model = await Blip2ForConditionalGeneration.fromPretrained(modelDir, { attention: 'sdpa' });
+      const inputs = { pixelValues, inputIds: ref.tensor('inputs/left/input_ids'), attentionMask: ref.tensor('inputs/left/attention_mask') };
+      assert.deepEqual(await rowsOf(await model.generate(inputs, { maxNewTokens: 10 })), ref.rows('generate/greedy/left/sequences'));
+      await model.dispose();
+      await assert.rejects(Blip2Model.fromPretrained(modelDir, { attention: 'flash' as never }),
+        (err: unknown) => err instanceof InvalidArgumentError && err.argument === 'attention' && /'eager' or 'sdpa'/.test(err.message));
+    });
+
     it('a folder asked for a class it cannot serve is a ModelLoadError that lists what it serves', async () => {
       await assert.rejects(Blip2ForImageTextRetrieval.fromPretrained(modelDir), (e: unknown) =>
         e instanceof ModelLoadError && /cannot be loaded as Blip2ForImageTextRetrieval/.test(e.message) && /serves Blip2ForConditionalGeneration, Blip2Model/.test(e.message));

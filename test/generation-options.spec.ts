@@ -16,6 +16,8 @@ import {
   liveTensorCount,
 } from '../lib';
 import { expected, fixtureFloats, fixtureTensor, ids, rowsOf } from './support/fixtures';
+import { readModelFolder } from '../lib/models/model-folder';
+import { ScriptModule } from '../lib/runtime/script-module';
 import { settleFinalizers } from './support/gc';
 import { referenceGreedy } from './support/reference';
 import { tinyOptModel } from './support/python';
@@ -378,7 +380,21 @@ describe('generate: options, stopping, sampling, streaming, errors', () => {
     });
     it('bad load options', async () => {
       await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { device: 'gpu' }), (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'device');
-      await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { dtype: 'int8' as never }), (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'dtype');
+      await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { attention: 'flash' as never }), (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'attention');
+      for (const encodeBatch of [0, 1.5, '4']) {
+        await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { encodeBatch: encodeBatch as never }),
+          (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'encodeBatch' && /an integer >= 1/.test(e.message));
+      }
+    });
+    it("attention 'sdpa' on a module without the switch (an export that predates it) is a ModelLoadError naming the file", async () => {
+      const folder = await readModelFolder(broken);
+      const { weights, modules } = folder.nativeWeights(['language_model']);
+      const file = modules.language_model.path;
+      await assert.rejects(ScriptModule.loadWithWeights(file, 'cpu', { weights, dtype: 'float32', parameters: modules.language_model.parameters, fusedAttention: true }),
+        (e: unknown) => e instanceof ModelLoadError && e.file === file && /re-export/.test(e.message));
+      // Eager asks nothing of the module.
+      const lm = await ScriptModule.loadWithWeights(file, 'cpu', { weights, dtype: 'float32', parameters: modules.language_model.parameters });
+      lm.dispose();
     });
     it('runs in bfloat16 when asked (a float32 export cast at load)', async () => {
       const bf16 = await Blip2ForConditionalGeneration.fromPretrained(broken, { dtype: 'bfloat16' });

@@ -55,6 +55,8 @@ export interface NativeModuleWeights {
   dtype: NativeDType;
   /** [parameter path inside the module, index into tensors]. */
   parameters: Array<[string, number]>;
+  /** The vision attention through sdpa instead of transformers' eager ops. */
+  fusedAttention?: boolean;
 }
 
 export interface NativeScriptModuleConstructor {
@@ -156,6 +158,8 @@ export interface NativeModelSpec {
   imageHeight: number;
   imageWidth: number;
   imageTokenIndex: number | null;
+  /** The vision attention through sdpa instead of transformers' eager ops. */
+  fusedAttention?: boolean;
   /** -1: none (T5). */
   bosTokenId: number;
   /** The first end-of-sequence id, or -1 (T5's default prompt ends with it). */
@@ -244,6 +248,8 @@ export interface NativeSchedulerOptions {
   maxQueue: number;
   /** Prompt tokens prefilled per cycle. */
   prefillChunk: number;
+  /** Images encoded together per cycle at most. */
+  encodeBatch: number;
 }
 
 export interface NativeModelStats {

@@ -22,6 +22,8 @@ export interface CaptionCliOptions {
   maxNewTokens?: number;
   numBeams?: number;
   output: 'text' | 'json' | 'jsonl';
+  /** The vision model's attention (fromPretrained's); default 'eager'. */
+  attention?: 'eager' | 'sdpa';
 }
 
 /** One row of --json / --jsonl. */
@@ -66,7 +68,7 @@ export async function runCaption(options: CaptionCliOptions, io: CaptionIo = { s
   try {
     [processor, model] = await Promise.all([
       Blip2Processor.fromPretrained(options.modelDir),
-      Blip2ForConditionalGeneration.fromPretrained(options.modelDir, { device: options.device }),
+      Blip2ForConditionalGeneration.fromPretrained(options.modelDir, { device: options.device, attention: options.attention }),
     ]);
   } finally {
     loading.stop(false);

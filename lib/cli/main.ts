@@ -22,17 +22,19 @@ Usage:
       Shows the weights written, the modules scripted and the files written, then a summary.
   blip2 caption <file|folder|glob>... --model <model-dir> [--prompt TEXT] [--json | --jsonl]
                 [--batch N] [--concurrency N] [--max-new-tokens N] [--num-beams N] [--device cpu|cuda[:N]]
+                [--attention eager|sdpa]
       Captions images (or answers --prompt about them, e.g. --prompt "Question: what is shown? Answer:").
       Folders are searched recursively for ${IMAGE_EXTENSIONS.join(', ')} files.
       --json: one JSON array at the end; --jsonl: one JSON line per file as it finishes; each
       { file, text, tokens, ms } (and error for a file that failed). Otherwise lines "file: text".
       --batch N: images per generate call (default ${DEFAULT_BATCH}); --concurrency N: calls in flight
       (default ${DEFAULT_CONCURRENCY}); --device: default cpu; --max-new-tokens, --num-beams: default the
-      model's generation_config.json. A file that cannot be read or decoded is reported and the run
+      model's generation_config.json; --attention: the vision model's (default eager; sdpa is faster,
+      within float rounding). A file that cannot be read or decoded is reported and the run
       goes on. Exit status: 0 all captioned, 1 some failed, 2 usage error.
   blip2 serve --model <model-dir> [--port 8080] [--host 127.0.0.1] [--device cpu|cuda[:N]] [--allow-local-images DIR]
               [--max-batch-size N] [--max-queue N] [--max-length N] [--max-body-bytes N] [--max-image-pixels N]
-              [--request-timeout S] [--shutdown-timeout S] [--model-name NAME]
+              [--request-timeout S] [--shutdown-timeout S] [--model-name NAME] [--attention eager|sdpa]
       Serves the model over HTTP with OpenAI's chat completions API (POST /v1/chat/completions, one
       image per request as a data: URL; streaming with "stream": true), GET /v1/models, GET /health
       and GET /metrics (Prometheus). --port 0 picks a free port. --allow-local-images DIR: image URLs
@@ -40,7 +42,8 @@ Usage:
       together (default 16); --max-queue: requests waiting for them before 429 (default 1024);
       --max-body-bytes: default ${DEFAULT_MAX_BODY_BYTES} (413 above); --max-image-pixels: default 100000000;
       --request-timeout S: stop a request after S seconds (504; default none); --shutdown-timeout S:
-      on SIGTERM/SIGINT requests in flight get S seconds to finish (default 30), then are cancelled.
+      on SIGTERM/SIGINT requests in flight get S seconds to finish (default 30), then are cancelled;
+      --attention: the vision model's (default eager; sdpa is faster, within float rounding).
   blip2 version
 `;
 
@@ -49,12 +52,12 @@ const FLAGS: Record<string, Record<string, boolean>> = {
   export: { dtype: false, 'max-length': false, python: false },
   caption: {
     model: false, prompt: false, device: false, 'max-new-tokens': false, 'num-beams': false, batch: false, concurrency: false,
-    json: true, jsonl: true,
+    json: true, jsonl: true, attention: false,
   },
   serve: {
     model: false, port: false, host: false, device: false, 'allow-local-images': false, 'max-batch-size': false, 'max-queue': false,
     'max-length': false, 'max-body-bytes': false, 'max-image-pixels': false, 'request-timeout': false, 'shutdown-timeout': false,
-    'model-name': false,
+    'model-name': false, attention: false,
   },
 };
 
@@ -116,6 +119,12 @@ function secondsFlag(p: Parsed, name: string): number | undefined {
   return Math.round(n * 1000);
 }
 
+function attentionFlag(p: Parsed): 'eager' | 'sdpa' | undefined {
+  const v = flag(p, 'attention');
+  if (v !== undefined && v !== 'eager' && v !== 'sdpa') throw new UsageError(`--attention must be eager or sdpa, got '${v}'`);
+  return v;
+}
+
 async function runServeCommand(p: Parsed): Promise<number> {
   const modelDir = flag(p, 'model');
   if (!modelDir) throw new UsageError('serve needs --model <model-dir>');
@@ -137,6 +146,7 @@ async function runServeCommand(p: Parsed): Promise<number> {
     maxImagePixels: intFlag(p, 'max-image-pixels'),
     requestTimeoutMs: requestTimeoutMs || undefined,
     shutdownTimeoutMs: secondsFlag(p, 'shutdown-timeout') ?? 30_000,
+    attention: attentionFlag(p),
   });
 }
 
@@ -186,6 +196,7 @@ async function runCaptionCommand(p: Parsed): Promise<number> {
       maxNewTokens: intFlag(p, 'max-new-tokens'),
       numBeams: intFlag(p, 'num-beams'),
       output: p.flags.has('json') ? 'json' : p.flags.has('jsonl') ? 'jsonl' : 'text',
+      attention: attentionFlag(p),
     });
   } catch (e) {
     if (e instanceof CaptionUsageError) throw new UsageError(e.message);

@@ -42,6 +42,8 @@ export interface ServeOptions {
   maxBatchSize?: number;
   maxQueue?: number;
   maxLength?: number;
+  /** fromPretrained's attention for the vision model; default 'eager'. */
+  attention?: 'eager' | 'sdpa';
   /** Where the server reports what it does (one line each); default: nowhere. */
   log?: (line: string) => void;
 }
@@ -135,7 +137,7 @@ export class Blip2Server {
       Blip2Processor.fromPretrained(modelDir),
       Blip2ForConditionalGeneration.fromPretrained(modelDir, {
         device: this.options.device ?? 'cpu', maxBatchSize: this.options.maxBatchSize, maxQueue: this.options.maxQueue,
-        maxLength: this.options.maxLength, signal: this.#loadController.signal,
+        maxLength: this.options.maxLength, attention: this.options.attention, signal: this.#loadController.signal,
       }),
     ]);
     if (processor.status === 'rejected' || model.status === 'rejected') {

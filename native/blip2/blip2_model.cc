@@ -141,6 +141,7 @@ Napi::Value NativeBlip2Model::Load(const Napi::CallbackInfo& info) {
     options.max_length = OptionInt(s, "maxLength", std::min(options.max_length, spec.max_length), 2);
     options.max_queue = OptionInt(s, "maxQueue", options.max_queue, 0);
     options.prefill_chunk = OptionInt(s, "prefillChunk", options.prefill_chunk, 1);
+    options.encode_batch = OptionInt(s, "encodeBatch", options.encode_batch, 1);
     if (options.max_length > spec.max_length) {
       throw InvalidArgument("maxLength", std::to_string(options.max_length), "at most the model's " + std::to_string(spec.max_length) + " positions");
     }

@@ -118,6 +118,7 @@ ModelSpec ModelSpec::FromJs(Napi::Object object) {
   spec.num_query_tokens = RequireInt(object, "numQueryTokens", 1);
   spec.image_height = RequireInt(object, "imageHeight", 1);
   spec.image_width = RequireInt(object, "imageWidth", 1);
+  spec.fused_attention = object.Get("fusedAttention").ToBoolean().Value();
   spec.bos_token_id = RequireInt(object, "bosTokenId", -1);
   spec.eos_token_id = RequireInt(object, "eosTokenId", -1);
   if (spec.encoder_decoder()) {

@@ -36,6 +36,7 @@ struct ModelSpec {
   int64_t image_height = 0;
   int64_t image_width = 0;
   std::optional<int64_t> image_token_index;
+  bool fused_attention = false;  // the vision attention through sdpa (else transformers' eager ops)
   int64_t bos_token_id = -1;  // -1: none (T5)
   int64_t decoder_start_token_id = -1;  // T5
   int64_t eos_token_id = -1;  // the first; T5's default prompt ends with it (the tokenizer's "" is [eos])

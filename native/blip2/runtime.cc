@@ -65,6 +65,7 @@ std::shared_ptr<Blip2Runtime> Blip2Runtime::Load(const ModelSpec& spec, std::fun
     store.Bind(image_encoder->module, spec.image_encoder.path, spec.image_encoder.bindings, spec.device, spec.dtype);
     store.Bind(language_model->module, spec.language_model.path, spec.language_model.bindings, spec.device, spec.dtype);
   }
+  SetFusedAttention(image_encoder->module, spec.fused_attention, spec.image_encoder.path);
   auto runtime = std::shared_ptr<Blip2Runtime>(new Blip2Runtime(spec, std::move(image_encoder), std::move(language_model)));
   runtime->ChooseLinearKernels();
   return runtime;

@@ -3,8 +3,8 @@
 // on the model device's executor merges everything that is ready into as few model calls as
 // possible:
 //   1. admission: queued calls whose sequences fit in the free slots are taken in order; their
-//      images go through vision → Q-Former → projection as one batch (one call's images at a time
-//      while other sequences are decoding, so they wait at most one image encode);
+//      images go through vision → Q-Former → projection as one batch (at most encode_batch
+//      images: the running sequences wait at most that one encode);
 //   2. prefill: prompts are written into their slots in chunks of at most `prefill_chunk` tokens
 //      per cycle, so a long prompt never holds up the running sequences for more than about one
 //      decode step;
@@ -39,7 +39,8 @@ struct SchedulerOptions {
   int64_t slots = 16;           // sequences decoded together at most (maxBatchSize)
   int64_t max_length = 512;     // positions per slot (image queries + prompt + new tokens)
   int64_t max_queue = 1024;     // calls waiting beyond which generate() rejects at once
-  int64_t prefill_chunk = 64;   // prompt tokens written per cycle (all prefilling rows together)
+  int64_t prefill_chunk = 256;  // prompt tokens written per cycle (all prefilling rows together)
+  int64_t encode_batch = 16;    // images encoded together per cycle at most
 };
 
 struct GenerationInputs {

@@ -203,6 +203,7 @@ Napi::Value NativeScriptModule::Load(const Napi::CallbackInfo& info) {
     std::vector<std::pair<std::string, int64_t>> files;
     std::vector<WeightRef> refs;
     at::ScalarType dtype = at::kFloat;
+    bool fused = false;
     napi_ref progress_ref = nullptr;
     if (info[3].IsFunction()) napi_create_reference(env, info[3], 1, &progress_ref);
     std::shared_ptr<JsChannel> channel = AddonData::Get(env)->channel;
@@ -213,10 +214,11 @@ Napi::Value NativeScriptModule::Load(const Napi::CallbackInfo& info) {
       files = std::move(parsed.weight_files);
       refs = std::move(parsed.weights);
       bind = std::move(parsed.image_encoder);
+      fused = b.Get("fusedAttention").ToBoolean().Value();
     }
     return RunAsync<std::shared_ptr<LoadedModule>>(
         env, device,
-        [path, device, bind, files, refs, dtype, progress_ref, channel]() {
+        [path, device, bind, files, refs, dtype, fused, progress_ref, channel]() {
           auto loaded = LoadedModule::Load(path, device);
           if (bind) {
             WeightStore store(files, refs);
@@ -236,6 +238,7 @@ Napi::Value NativeScriptModule::Load(const Napi::CallbackInfo& info) {
               });
             }
             store.Bind(loaded->module, path, bind->bindings, device, dtype);
+            SetFusedAttention(loaded->module, fused, path);
           }
           return loaded;
         },
