@@ -3,7 +3,7 @@
 // and sdpa attention, bench/hf_generate.py) and the exporter's modules run eagerly
 // (bench/python_eager.py), on the same checkpoint, the same torch and the same threads, in one run.
 //
-//   npx tsx bench/generate.ts [--model mid|tiny|small] [--impls ours,plain,hf-eager,hf-sdpa,python-eager]
+//   npx tsx bench/generate.ts [--model mid|tiny|small] [--impls ours,ours-sdpa,plain,hf-eager,hf-sdpa,python-eager]
 //       [--threads 2] [--new-tokens 20] [--runs 5] [--warmup 2] [--cold-runs 3]
 //
 // Workload: a caption from pixels alone (prompt: Q <image> ids + BOS), greedy, EOS disabled so every
@@ -40,7 +40,8 @@ async function child(): Promise<void> {
   const modelDir = arg('model-dir', '');
   const warmRuns = Number(arg('warm-runs', '0'));
   const t0 = performance.now();
-  const model = await Blip2ForConditionalGeneration.fromPretrained(modelDir);
+  const attention = arg('attention', 'eager') as 'eager' | 'sdpa';
+  const model = await Blip2ForConditionalGeneration.fromPretrained(modelDir, { attention });
   const loadMs = performance.now() - t0;
   printJson({ event: 'load', load_ms: round(loadMs), ...rssMb() });
   if (flag('print-kernels')) printJson({ event: 'kernels', linearKernels: model.linearKernels });
@@ -111,7 +112,7 @@ async function measure(impl: string, start: (i: number) => Promise<Array<Record<
 
 async function main(): Promise<void> {
   const preset = arg('model', 'mid');
-  const impls = list('impls', 'ours,plain,hf-eager,hf-sdpa,python-eager');
+  const impls = list('impls', 'ours,ours-sdpa,plain,hf-eager,hf-sdpa,python-eager');
   const { checkpoint, modelDir } = prepare(preset);
   warmPageCache(modelDir);
   warmPageCache(checkpoint);
@@ -130,11 +131,11 @@ async function main(): Promise<void> {
     '--runs', String(runs), '--warmup', String(warmup), ...(i > 0 ? ['--first-only'] : [])]));
   const results: Result[] = [];
   for (const impl of impls) {
-    if (impl === 'ours' || impl === 'plain') {
+    if (impl === 'ours' || impl === 'ours-sdpa' || impl === 'plain') {
       const env = impl === 'plain' ? { BLIP2_LINEAR_KERNEL: 'off' } : {};
-      const name = impl === 'plain' ? 'blip2-node plain (BLIP2_LINEAR_KERNEL=off)' : 'blip2-node';
+      const name = { ours: 'blip2-node', 'ours-sdpa': "blip2-node attention: 'sdpa'", plain: 'blip2-node plain (BLIP2_LINEAR_KERNEL=off)' }[impl];
       results.push(await measure(name, (i) => runChild(script, [...common, '--warm-runs', i === 0 ? String(runs) : '0',
-        ...(i === 0 && impl === 'ours' ? ['--print-kernels'] : [])], env)));
+        '--attention', impl === 'ours-sdpa' ? 'sdpa' : 'eager', ...(i === 0 && impl === 'ours' ? ['--print-kernels'] : [])], env)));
     } else if (impl === 'hf-eager' || impl === 'hf-sdpa') {
       results.push(await measure(`transformers ${impl.slice(3)}`, hf(impl.slice(3))));
     } else if (impl === 'python-eager') {

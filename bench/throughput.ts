@@ -3,7 +3,9 @@
 // sizes (bench/hf_throughput.py), on the same checkpoint, torch and threads, in one run.
 //
 //   npx tsx bench/throughput.ts [--model mid] [--concurrency 1,4,16,64] [--requests R] [--seconds 120]
-//       [--threads 2] [--new-tokens 20] [--hf-batches 1,4,16,64] [--hf-runs 2] [--hf-attn sdpa] [--no-hf]
+//       [--threads 2] [--new-tokens 20] [--attention sdpa|eager] [--hf-batches 1,4,16,64] [--hf-runs 2] [--hf-attn sdpa] [--no-hf]
+//
+// --attention: ours' vision attention (default sdpa, as transformers 5's default it is compared with).
 //
 // Requests: 8 seeded images (320x240, through the model folder's Blip2Processor) with 4 prompts of
 // different lengths, request i = item i % 8; greedy, exactly --new-tokens tokens (EOS disabled).
@@ -29,6 +31,7 @@ import {
 const threads = Number(arg('threads', '2'));
 const newTokens = Number(arg('new-tokens', '20'));
 const seconds = Number(arg('seconds', '120'));
+const attention = arg('attention', 'sdpa') as 'eager' | 'sdpa';
 const ITEMS = 8;
 
 async function child(): Promise<void> {
@@ -37,7 +40,7 @@ async function child(): Promise<void> {
   const concurrency = Number(arg('concurrency', '1'));
   const maxBatchSize = Number(arg('max-batch', '16'));
   const requests = Number(arg('requests', '16'));
-  const model = await Blip2ForConditionalGeneration.fromPretrained(modelDir, { maxBatchSize });
+  const model = await Blip2ForConditionalGeneration.fromPretrained(modelDir, { maxBatchSize, attention });
   const size = imageSize(model);
   const inputs = (await makeRequests(modelDir, ITEMS)).map((r) => ({
     pixelValues: Tensor.from(r.pixels, [1, 3, size, size]),
@@ -79,7 +82,7 @@ async function main(): Promise<void> {
   const hfBatches = flag('no-hf') ? [] : list('hf-batches', levels.join(',')).map(Number);
   const hfAttn = list('hf-attn', 'sdpa');
   const { checkpoint, modelDir } = prepare(preset);
-  const setup = { bench: 'throughput', setup: true, model: preset, threads, new_tokens: newTokens, seconds, ...machine() };
+  const setup = { bench: 'throughput', setup: true, model: preset, threads, new_tokens: newTokens, seconds, attention, ...machine() };
   printJson(setup);
 
   const ours = new Map<number, Record<string, any>>();
@@ -87,7 +90,7 @@ async function main(): Promise<void> {
     const requests = arg('requests', String(Math.max(16, 4 * c)));
     const maxBatch = c > 16 ? 64 : 16;
     const [row] = (await runChild(__filename, ['--child', '--model-dir', modelDir, '--concurrency', String(c), '--max-batch', String(maxBatch),
-      '--requests', requests, '--threads', String(threads), '--new-tokens', String(newTokens), '--seconds', String(seconds)]))
+      '--requests', requests, '--threads', String(threads), '--new-tokens', String(newTokens), '--seconds', String(seconds), '--attention', attention]))
       .filter((l) => l.event === 'ours');
     printJson({ bench: 'throughput', impl: 'blip2-node', ...row });
     ours.set(c, row);
@@ -110,7 +113,7 @@ async function main(): Promise<void> {
 
   const fmt = (v: number | undefined, d = 2) => (v !== undefined && Number.isFinite(v) ? v.toFixed(d) : '');
   console.log(`\nmachine: ${setup.cpu} x${setup.cpus}, ${setup.mem_gib} GiB, load average ${setup.loadavg_1m} at the start; model ${preset}; ` +
-    `${threads} threads; ${newTokens} new tokens per request`);
+    `${threads} threads; ${newTokens} new tokens per request; ours with attention '${attention}'`);
   console.log('| concurrency | requests | req/s | tokens/s | p50 ms | p99 ms | event-loop p99 ms | mean rows/step | vs our one-by-one |' +
     hfAttn.map((a) => ` transformers ${a} batch req/s | ours / transformers ${a} |`).join(''));
   console.log('|---|---|---|---|---|---|---|---|---|' + hfAttn.map(() => '---|---|').join(''));

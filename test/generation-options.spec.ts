@@ -381,6 +381,10 @@ describe('generate: options, stopping, sampling, streaming, errors', () => {
     it('bad load options', async () => {
       await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { device: 'gpu' }), (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'device');
       await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { attention: 'flash' as never }), (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'attention');
+      for (const batchWaitMs of [-1, Number.NaN, '2', 5000]) {
+        await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { batchWaitMs: batchWaitMs as never }),
+          (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'batchWaitMs' && /from 0 to 1000/.test(e.message));
+      }
       for (const encodeBatch of [0, 1.5, '4']) {
         await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { encodeBatch: encodeBatch as never }),
           (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'encodeBatch' && /an integer >= 1/.test(e.message));

@@ -250,6 +250,8 @@ export interface NativeSchedulerOptions {
   prefillChunk: number;
   /** Images encoded together per cycle at most. */
   encodeBatch: number;
+  /** Microseconds an idle model waits for more calls to encode with the first. */
+  batchWaitUs: number;
 }
 
 export interface NativeModelStats {
@@ -277,6 +279,10 @@ export interface NativeModelStats {
   lastStepMs: number;
   /** Most sequences one decode step has carried. */
   largestStepRows: number;
+  /** Vision encoder calls made to admit calls (all waiting images that fit go through one). */
+  imageEncodes: number;
+  /** Images through those calls (encodedImages / imageEncodes: the mean encode batch). */
+  encodedImages: number;
 }
 
 export interface NativeBlip2ModelConstructor {

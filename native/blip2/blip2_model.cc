@@ -142,6 +142,7 @@ Napi::Value NativeBlip2Model::Load(const Napi::CallbackInfo& info) {
     options.max_queue = OptionInt(s, "maxQueue", options.max_queue, 0);
     options.prefill_chunk = OptionInt(s, "prefillChunk", options.prefill_chunk, 1);
     options.encode_batch = OptionInt(s, "encodeBatch", options.encode_batch, 1);
+    options.batch_wait_us = static_cast<int64_t>(OptionInt(s, "batchWaitUs", options.batch_wait_us, 0));
     if (options.max_length > spec.max_length) {
       throw InvalidArgument("maxLength", std::to_string(options.max_length), "at most the model's " + std::to_string(spec.max_length) + " positions");
     }
@@ -305,6 +306,8 @@ Napi::Value NativeBlip2Model::GetStats(const Napi::CallbackInfo& info) {
   o.Set("tokensPerSecond", s.tokens_per_second);
   o.Set("lastStepMs", s.last_step_ms);
   o.Set("largestStepRows", static_cast<double>(s.largest_step_rows));
+  o.Set("imageEncodes", static_cast<double>(s.image_encodes));
+  o.Set("encodedImages", static_cast<double>(s.encoded_images));
   return o;
 }
 

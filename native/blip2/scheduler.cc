@@ -97,6 +97,7 @@ class Request {
   int64_t rows;   // sequences (slots) this call needs
   std::shared_ptr<JsChannel> channel;
   Napi::Promise::Deferred deferred;
+  std::chrono::steady_clock::time_point queued_at = std::chrono::steady_clock::now();
   napi_ref on_step_ref = nullptr;
   bool settled = false;  // decided: no more work for this call
   bool posted = false;   // its promise's settlement is on its way to JS
@@ -179,6 +180,7 @@ Napi::Promise Scheduler::Submit(Napi::Env env, GenerationInputs inputs, int64_t 
   queue_.push_back(std::move(request));
   stats_.queued = static_cast<int64_t>(queue_.size());
   EnsureScheduled();
+  arrived_.notify_one();
   return promise;
 }
 
@@ -200,6 +202,7 @@ Napi::Promise Scheduler::Dispose(Napi::Env env) {
   dispose_channel_->BeginWork(env);
   dispose_deferred_ = deferred;
   EnsureScheduled();
+  arrived_.notify_one();
   return deferred.Promise();
 }
 
@@ -237,6 +240,8 @@ void Scheduler::PublishStats() {
   stats_.tokens_per_second = tokens_per_second_;
   stats_.last_step_ms = last_step_ms_;
   stats_.largest_step_rows = largest_step_rows_;
+  stats_.image_encodes = image_encodes_;
+  stats_.encoded_images = encoded_images_;
 }
 
 bool Scheduler::Cycle() {
@@ -345,7 +350,20 @@ void Scheduler::Admit() {
   std::vector<std::shared_ptr<Request>> taken;
   int64_t images = 0;
   {
-    std::lock_guard<std::mutex> lock(mutex_);
+    std::unique_lock<std::mutex> lock(mutex_);
+    if (active_.empty() && !queue_.empty() && options_.batch_wait_us > 0) {
+      // Nothing runs, so nobody is held up: give the calls arriving right behind the first a
+      // moment to join its image encode, unless enough are here already.
+      auto enough = [&] {
+        int64_t rows = 0, batch = 0;
+        for (const auto& r : queue_) {
+          rows += r->rows;
+          batch += r->batch;
+        }
+        return disposing_ || rows >= free || batch >= options_.encode_batch;
+      };
+      arrived_.wait_until(lock, queue_.front()->queued_at + std::chrono::microseconds(options_.batch_wait_us), enough);
+    }
     while (!queue_.empty()) {
       const auto& next = queue_.front();
       if (next->rows > free) break;  // in order: a large call is not overtaken
@@ -387,6 +405,8 @@ void Scheduler::Admit() {
   at::Tensor query_embeds;
   try {
     query_embeds = runtime_->EncodeImages(pixels.size() == 1 ? pixels[0] : at::cat(pixels, 0));
+    ++image_encodes_;
+    encoded_images_ += query_embeds.size(0);
   } catch (...) {
     std::exception_ptr error = std::current_exception();
     for (auto& r : ready) {

@@ -19,6 +19,7 @@
 #include <napi.h>
 
 #include <atomic>
+#include <condition_variable>
 #include <deque>
 #include <memory>
 #include <mutex>
@@ -41,6 +42,9 @@ struct SchedulerOptions {
   int64_t max_queue = 1024;     // calls waiting beyond which generate() rejects at once
   int64_t prefill_chunk = 256;  // prompt tokens written per cycle (all prefilling rows together)
   int64_t encode_batch = 16;    // images encoded together per cycle at most
+  // An idle model waits this long after a call arrives for more to encode with it (calls that
+  // finished together come back a few ms apart; encoded one by one they cost 2-4x per image).
+  int64_t batch_wait_us = 2000;
 };
 
 struct GenerationInputs {
@@ -67,6 +71,8 @@ struct SchedulerStats {
   double tokens_per_second = 0;
   double last_step_ms = 0;
   int64_t largest_step_rows = 0;
+  int64_t image_encodes = 0;   // vision encoder calls of admission
+  int64_t encoded_images = 0;  // images through them
 };
 
 class Request;
@@ -118,6 +124,7 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
   std::unique_ptr<SlotCache> cache_;
 
   mutable std::mutex mutex_;  // queue_, scheduled_, disposing_, stats_
+  std::condition_variable arrived_;  // a call was queued, or dispose began
   std::deque<std::shared_ptr<Request>> queue_;
   bool scheduled_ = false;
   bool disposing_ = false;
@@ -133,6 +140,7 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
   int64_t completed_ = 0, failed_ = 0, decode_steps_ = 0, generated_tokens_ = 0, prefill_tokens_ = 0;
   double last_step_ms_ = 0;
   int64_t largest_step_rows_ = 0;
+  int64_t image_encodes_ = 0, encoded_images_ = 0;
 };
 
 }  // namespace blip2

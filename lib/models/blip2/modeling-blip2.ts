@@ -59,6 +59,11 @@ export interface FromPretrainedOptions {
    * Default 16.
    */
   encodeBatch?: number;
+  /**
+   * Milliseconds an idle model waits, after a call arrives, for more calls to encode with it (calls
+   * that finished together come back a few ms apart). 0 admits at once. Default 2.
+   */
+  batchWaitMs?: number;
 }
 
 /**
@@ -469,6 +474,10 @@ function schedulerOptions(options: FromPretrainedOptions, manifest: Manifest, dt
   const maxQueue = positiveInteger('maxQueue', options.maxQueue, 1024, 0);
   const prefillChunk = positiveInteger('prefillChunk', options.prefillChunk, device === 'cpu' ? 256 : 1024);
   const encodeBatch = positiveInteger('encodeBatch', options.encodeBatch, 16);
+  const batchWaitMs = options.batchWaitMs ?? 2;
+  if (typeof batchWaitMs !== 'number' || !Number.isFinite(batchWaitMs) || batchWaitMs < 0 || batchWaitMs > 1000) {
+    throw InvalidArgumentError.of('batchWaitMs', batchWaitMs, 'a number of milliseconds from 0 to 1000');
+  }
   const kvCacheMaxBytes = positiveInteger('kvCacheMaxBytes', options.kvCacheMaxBytes, DEFAULT_KV_CACHE_MAX_BYTES);
   const lm = manifest.language_model;
   // T5 keeps each slot's cross-attention keys/values too (max_encoder_length positions).
@@ -479,7 +488,7 @@ function schedulerOptions(options: FromPretrainedOptions, manifest: Manifest, dt
     throw InvalidArgumentError.of('kvCacheMaxBytes', kvCacheMaxBytes,
       `at least ${bytesPerSlot} (one sequence of maxLength ${maxLength} needs that much KV cache; lower maxLength or raise kvCacheMaxBytes)`);
   }
-  return { slots, maxLength, maxQueue, prefillChunk, encodeBatch };
+  return { slots, maxLength, maxQueue, prefillChunk, encodeBatch, batchWaitUs: Math.round(batchWaitMs * 1000) };
 }
 
 /** A ModelLoadError unless the folder's manifest lists `name` among the classes it serves. */
