@@ -66,7 +66,9 @@ async function child(): Promise<void> {
     event_loop_delay_p99_ms: round(delay.percentile(99) / 1e6, 2), event_loop_delay_max_ms: round(delay.max / 1e6, 2),
     decode_steps: steps, // Each request's first token comes from its prefill, the rest from decode steps.
     mean_step_rows: round((after.generatedTokens - before.generatedTokens - r.completed) / Math.max(steps, 1), 2),
-    largest_step_rows: after.largestStepRows, ...rssMb(),
+    largest_step_rows: after.largestStepRows,
+    mean_encode_images: round((after.encodedImages - before.encodedImages) / Math.max(after.imageEncodes - before.imageEncodes, 1), 2),
+    ...rssMb(),
   });
   for (const t of inputs) {
     t.pixelValues.dispose();
@@ -114,9 +116,9 @@ async function main(): Promise<void> {
   const fmt = (v: number | undefined, d = 2) => (v !== undefined && Number.isFinite(v) ? v.toFixed(d) : '');
   console.log(`\nmachine: ${setup.cpu} x${setup.cpus}, ${setup.mem_gib} GiB, load average ${setup.loadavg_1m} at the start; model ${preset}; ` +
     `${threads} threads; ${newTokens} new tokens per request; ours with attention '${attention}'`);
-  console.log('| concurrency | requests | req/s | tokens/s | p50 ms | p99 ms | event-loop p99 ms | mean rows/step | vs our one-by-one |' +
+  console.log('| concurrency | requests | req/s | tokens/s | p50 ms | p99 ms | event-loop p99 ms | mean rows/step | mean images/encode | vs our one-by-one |' +
     hfAttn.map((a) => ` transformers ${a} batch req/s | ours / transformers ${a} |`).join(''));
-  console.log('|---|---|---|---|---|---|---|---|---|' + hfAttn.map(() => '---|---|').join(''));
+  console.log('|---|---|---|---|---|---|---|---|---|---|' + hfAttn.map(() => '---|---|').join(''));
   const one = ours.get(1)?.requests_per_s;
   for (const c of levels) {
     const o = ours.get(c)!;
@@ -125,7 +127,7 @@ async function main(): Promise<void> {
       return ` ${fmt(h?.requests_per_s)} | ${h ? fmt(o.requests_per_s / h.requests_per_s) + 'x' : ''} |`;
     }).join('');
     console.log(`| ${c} | ${o.requests} | ${fmt(o.requests_per_s)} | ${fmt(o.tokens_per_s, 1)} | ${fmt(o.p50_ms, 0)} | ${fmt(o.p99_ms, 0)} | ` +
-      `${fmt(o.event_loop_delay_p99_ms, 1)} | ${fmt(o.mean_step_rows)} | ${one ? fmt(o.requests_per_s / one) + 'x' : ''} |${cells}`);
+      `${fmt(o.event_loop_delay_p99_ms, 1)} | ${fmt(o.mean_step_rows)} | ${fmt(o.mean_encode_images)} | ${one ? fmt(o.requests_per_s / one) + 'x' : ''} |${cells}`);
   }
   const o16 = ours.get(16);
   if (o16 && one) {

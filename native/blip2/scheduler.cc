@@ -132,6 +132,9 @@ class SchedulerTask : public Task {
 };
 
 
+// Prompt tokens prefilled in one cycle at most while no sequence is decoding.
+constexpr int64_t kIdlePrefillTokens = 2048;
+
 std::exception_ptr Disposed() {
   return std::make_exception_ptr(Error(ErrorCode::kDisposed, "the model was disposed before this generate() call finished"));
 }
@@ -512,7 +515,10 @@ void Scheduler::Prefill() {
     int64_t count;
   };
   std::vector<Row> rows;
-  int64_t budget = options_.prefill_chunk;
+  // The chunk bounds how long running sequences wait for a prefill; with none decoding nobody
+  // waits, so the admitted prompts go through together (bounded only for the activations' memory)
+  // and start decoding in the same step.
+  int64_t budget = running_count_ > 0 ? options_.prefill_chunk : std::max<int64_t>(options_.prefill_chunk, kIdlePrefillTokens);
   for (auto& r : active_) {
     if (r->state != Request::State::kPrefilling) continue;
     for (size_t b = 0; b < r->prompt_done.size() && budget > 0; ++b) {

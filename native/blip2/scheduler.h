@@ -6,8 +6,8 @@
 //      images go through vision → Q-Former → projection as one batch (at most encode_batch
 //      images: the running sequences wait at most that one encode);
 //   2. prefill: prompts are written into their slots in chunks of at most `prefill_chunk` tokens
-//      per cycle, so a long prompt never holds up the running sequences for more than about one
-//      decode step;
+//      per cycle while other sequences decode, so a long prompt never holds them up for more
+//      than about one decode step (with none decoding, up to 2048 tokens go at once);
 //   3. decode: one step for every running sequence of every call, in one language-model call.
 //      Running sequences always occupy slots 0..n-1 (a finished sequence's slot is refilled by
 //      moving another one in, once), so the step reads the cache through views, never a gather;

@@ -48,9 +48,9 @@ export interface FromPretrainedOptions {
    */
   kvCacheMaxBytes?: number;
   /**
-   * Prompt tokens written into the cache per scheduler cycle, so long prompts interleave with
-   * decoding: smaller holds running sequences up less, larger admits new calls faster.
-   * Default 256 on the CPU, 1024 on CUDA.
+   * Prompt tokens written into the cache per scheduler cycle while other sequences decode, so long
+   * prompts interleave with decoding: smaller holds running sequences up less, larger admits new
+   * calls faster (with nothing decoding, up to 2048 go at once). Default 256 on the CPU, 1024 on CUDA.
    */
   prefillChunk?: number;
   /**
