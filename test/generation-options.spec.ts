@@ -380,6 +380,7 @@ describe('generate: options, stopping, sampling, streaming, errors', () => {
     });
     it('bad load options', async () => {
       await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { device: 'gpu' }), (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'device');
+      await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { dtype: 'int8' as never }), (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'dtype');
       await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { attention: 'flash' as never }), (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'attention');
       for (const batchWaitMs of [-1, Number.NaN, '2', 5000]) {
         await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { batchWaitMs: batchWaitMs as never }),

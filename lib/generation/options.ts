@@ -69,14 +69,16 @@ const KNOWN_OPTIONS = new Set([
   'returnDictInGenerate', 'onToken', 'stopOnAbortSignal',
 ]);
 
-function integer(name: string, value: unknown, min: number, max = Number.MAX_SAFE_INTEGER): number {
+/** `value` as an integer in [min, max], else an InvalidArgumentError naming `name`. */
+export function integer(name: string, value: unknown, min: number, max = Number.MAX_SAFE_INTEGER): number {
   if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) {
     throw InvalidArgumentError.of(name, value, max === Number.MAX_SAFE_INTEGER ? `an integer >= ${min}` : `an integer from ${min} to ${max}`);
   }
   return value;
 }
 
-function finite(name: string, value: unknown, check: (v: number) => boolean, expected: string): number {
+/** `value` as a finite number passing `check`, else an InvalidArgumentError naming `name` and `expected`. */
+export function finite(name: string, value: unknown, check: (v: number) => boolean, expected: string): number {
   if (typeof value !== 'number' || !Number.isFinite(value) || !check(value)) throw InvalidArgumentError.of(name, value, expected);
   return value;
 }

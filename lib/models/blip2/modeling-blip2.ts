@@ -3,7 +3,7 @@ import type {
   NativeBlip2Model, NativeCancelToken, NativeDType, NativeLinearDecision, NativeModelStats, NativeStepEvent,
 } from '../../../typings/binding';
 import { AbortError, DTypeError, DisposedError, InternalError, InvalidArgumentError, ModelLoadError, ShapeError } from '../../errors';
-import { type GenerateOptions, type GenerationStep, resolveGenerateOptions } from '../../generation/options';
+import { type GenerateOptions, type GenerationStep, finite, integer, resolveGenerateOptions } from '../../generation/options';
 import { TextStreamer, type TokenDelta } from '../../generation/streaming';
 import { PreTrainedTokenizer } from '../../processing/tokenizer';
 import { binding } from '../../native/binding';
@@ -457,9 +457,7 @@ function fusedAttention(attention: unknown): boolean {
 }
 
 function positiveInteger(name: string, value: unknown, fallback: number, min = 1): number {
-  if (value === undefined) return fallback;
-  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < min) throw InvalidArgumentError.of(name, value, `an integer >= ${min}`);
-  return value;
+  return value === undefined ? fallback : integer(name, value, min);
 }
 
 /** The scheduler's options from fromPretrained's, with the KV cache sized within kvCacheMaxBytes. */
@@ -474,10 +472,7 @@ function schedulerOptions(options: FromPretrainedOptions, manifest: Manifest, dt
   const maxQueue = positiveInteger('maxQueue', options.maxQueue, 1024, 0);
   const prefillChunk = positiveInteger('prefillChunk', options.prefillChunk, device === 'cpu' ? 256 : 1024);
   const encodeBatch = positiveInteger('encodeBatch', options.encodeBatch, 16);
-  const batchWaitMs = options.batchWaitMs ?? 2;
-  if (typeof batchWaitMs !== 'number' || !Number.isFinite(batchWaitMs) || batchWaitMs < 0 || batchWaitMs > 1000) {
-    throw InvalidArgumentError.of('batchWaitMs', batchWaitMs, 'a number of milliseconds from 0 to 1000');
-  }
+  const batchWaitMs = finite('batchWaitMs', options.batchWaitMs ?? 2, (v) => v >= 0 && v <= 1000, 'a number of milliseconds from 0 to 1000');
   const kvCacheMaxBytes = positiveInteger('kvCacheMaxBytes', options.kvCacheMaxBytes, DEFAULT_KV_CACHE_MAX_BYTES);
   const lm = manifest.language_model;
   // T5 keeps each slot's cross-attention keys/values too (max_encoder_length positions).
