@@ -19,9 +19,9 @@
       # libtorch's headers need RTTI and exceptions.
       "cflags!": ["-fno-exceptions", "-fno-rtti"],
       "cflags_cc!": ["-fno-exceptions", "-fno-rtti", "-std=gnu++17", "-std=gnu++20"],
-      "cflags_cc": ["-std=c++20", "-fexceptions", "-frtti", "-Wno-unused-parameter", "<!@(node scripts/find-libtorch.js --gyp-cflags)"],
+      "cflags_cc": ["-std=c++20", "-fexceptions", "-frtti", "-Wno-unused-parameter", "-fopenmp", "<!@(node scripts/find-libtorch.js --gyp-cflags)"],
       "libraries": ["<!@(node scripts/find-libtorch.js --gyp-libs)"],
-      "ldflags": ["-Wl,-rpath,'$$ORIGIN'", "<!@(node scripts/find-libtorch.js --gyp-ldflags)"]
+      "ldflags": ["-fopenmp", "-Wl,-rpath,'$$ORIGIN'", "<!@(node scripts/find-libtorch.js --gyp-ldflags)"]
     }
   ]
 }

@@ -1,12 +1,14 @@
 // blip2::linear, a TorchScript operator for the language model's decode-step products.
 //
-// A decode step multiplies one row (or a few) by every weight matrix: pure weight streaming,
-// bound by memory bandwidth. libtorch's CPU path for that case is far from the bound on the
-// machines we measured: MKL runs one-row float32 products on one thread (21 GB/s where two
-// threads read 50 GB/s), and bfloat16 ones go through a scalar fallback (the 50272x768 OPT head:
-// 141 ms instead of ~3). blip2::linear splits the output rows over the intra-op threads and streams
-// the weights with AVX-512 or AVX2 FMA kernels (float32, bfloat16 and float16 weights, float32
-// accumulation); anything else (more rows, other devices, strided inputs, a CPU without AVX2)
+// A decode step multiplies one row per running sequence (1 to 64) by every weight matrix. With
+// few rows that is pure weight streaming, bound by memory bandwidth; libtorch's CPU path is far
+// from the bound there on the machines we measured: MKL runs one-row float32 products on one
+// thread (19 GB/s where two threads read 45), bfloat16 ones go through a scalar fallback (the
+// 50272x768 OPT head: 141 ms instead of ~3), and its float32 GEMM of 16 rows reaches ~50 GFLOP/s
+// on 2 Zen 5 cores. blip2::linear splits the output rows over the intra-op threads and streams the
+// weights with AVX-512 or AVX2 FMA kernels (float32, bfloat16 and float16 weights, float32
+// accumulation), 4 x rows by 4-8 weight rows in registers, further x rows re-reading a cached
+// block of weights; anything else (more rows, other devices, strided inputs, a CPU without AVX2)
 // calls at::linear.
 //
 // Whether the kernel is used is decided per weight shape, dtype and row count by timing both
@@ -22,8 +24,9 @@
 
 namespace blip2 {
 
-// Rows (x.numel() / in_features) up to which the kernel may be used.
-constexpr int64_t kMaxKernelRows = 4;
+// Rows (x.numel() / in_features) up to which the kernel may be used: a decode step of up to 64
+// sequences. Prefill products (hundreds of rows) stay with libtorch's GEMM.
+constexpr int64_t kMaxKernelRows = 64;
 
 // Which instruction set the kernel runs with here: "avx512", "avx2" or "none" (never used).
 const char* LinearKernelIsa();
@@ -43,7 +46,7 @@ enum class LinearKernelMode {
   kAlways,  // use the kernel wherever it applies, no timing (tests: BLIP2_LINEAR_KERNEL=on)
 };
 
-// Times both paths for each distinct weight (by shape and dtype) at 1 and kMaxKernelRows rows and
+// Times both paths for each distinct weight (by shape and dtype) at 1, 4, 16 and kMaxKernelRows rows and
 // records the faster one. `weights` are [out, in] matrices of the model (their own memory, so the
 // timing sees the real cache behaviour). Returns what was decided.
 std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& weights, LinearKernelMode mode);
