@@ -202,12 +202,12 @@ export interface NativeGenerateResult {
   sequencesScores: NativeTensor | null;
 }
 
-/** What the load-time timing chose for one weight shape of the language model (native/kernels/linear.h). */
+/** What the load-time timing chose for one weight shape of the model (image encoder and language model; native/kernels/linear.h). */
 export interface NativeLinearDecision {
   outFeatures: number;
   inFeatures: number;
   dtype: NativeDType;
-  /** Rows per product: 1, or up to 4. */
+  /** The row bucket timed: products of up to 1, 4, 16, 64 rows, or (256) any more. */
   rows: number;
   /** Milliseconds per product: at::linear, and blip2::linear's kernel (0 when not timed). */
   plainMs: number;

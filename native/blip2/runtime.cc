@@ -77,14 +77,18 @@ void Blip2Runtime::ChooseLinearKernels() {
   std::string mode = env ? env : "auto";
   if (!spec_.device.is_cpu() || mode == "off") return;
   std::vector<at::Tensor> matrices;
-  for (const at::Tensor& p : language_model_->module.parameters()) {
-    if (p.dim() == 2) matrices.push_back(p);
+  for (torch::jit::Module* module : {&image_encoder_->module, &language_model_->module}) {
+    for (const at::Tensor& p : module->parameters()) {
+      if (p.dim() == 2) matrices.push_back(p);
+    }
   }
   linear_decisions_ = DecideLinearKernels(matrices, mode == "on" ? LinearKernelMode::kAlways : LinearKernelMode::kAuto);
   bool any = std::any_of(linear_decisions_.begin(), linear_decisions_.end(), [](const LinearDecision& d) { return d.use_kernel; });
   if (!any) return;
-  for (const char* method : {"decode", "forward_cached"}) {
-    if (language_model_->methods.count(method)) UseBlip2Linear(language_model_->module, method);
+  // Every method: the decode step, the prefill (OPT's forward_cached, T5's encode and cross-cache
+  // fill), full forwards and the image encoder all multiply by these weights.
+  for (LoadedModule* module : {image_encoder_.get(), language_model_.get()}) {
+    for (const auto& [method, schema] : module->methods) UseBlip2Linear(module->module, method);
   }
 }
 

@@ -57,42 +57,66 @@ struct Load512<at::Half> {
   static float Scalar(const at::Half* p) { return static_cast<float>(*p); }
 };
 
+// The 16 horizontal sums of v[0..15] as the 16 lanes of one vector: a transpose-and-add tree
+// (~45 instructions where 16 separate reductions take ~160), which matters once the x rows make
+// the kernel arithmetic-bound.
+__attribute__((target("avx512f"))) inline __m512 Sum16(const __m512* v) {
+  __m512 a[8];
+  for (int i = 0; i < 8; ++i)
+    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  __m512 b[4];  // per 128-bit lane: the lane's partial sums of v[4i..4i+3]
+  for (int i = 0; i < 4; ++i) {
+    __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
+    __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
+    b[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
+  }
+  __m512 d01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
+  __m512 d23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(d01, d23, 0x88), _mm512_shuffle_f32x4(d01, d23, 0xDD));
+}
+
+// y[m * n + o] (+)= sum_{k < kc} x[m * ld + k] * w[o * ld + k] for M rows of x and o in
+// [o_begin, o_end). x and w point at the first k of this block of columns; `ld` is the row stride
+// of both; `accumulate` adds to y (the later column blocks of a long row).
 template <typename W, int M>
-__attribute__((target("avx512f,avx512bw,fma"))) void Rows512(const W* w, const float* x, int64_t k_len, int64_t o_begin,
-                                                               int64_t o_end, float* y, int64_t n) {
+__attribute__((target("avx512f,avx512bw,fma"))) void Rows512(const W* w, const float* x, int64_t ld, int64_t kc, int64_t o_begin,
+                                                               int64_t o_end, float* y, int64_t n, bool accumulate) {
   constexpr int R = M <= 2 ? 8 : 4;  // 8 weight streams in flight read faster where registers allow
-  const int64_t k_vec = k_len - k_len % 16;
+  const int64_t k_vec = kc - kc % 16;
   int64_t o = o_begin;
   for (; o + R <= o_end; o += R) {
-    __m512 acc[M][R];
-    for (int m = 0; m < M; ++m)
-      for (int r = 0; r < R; ++r) acc[m][r] = _mm512_setzero_ps();
+    __m512 acc[16];
+    for (int i = 0; i < 16; ++i) acc[i] = _mm512_setzero_ps();
     const W* rows[R];
-    for (int r = 0; r < R; ++r) rows[r] = w + (o + r) * k_len;
+    for (int r = 0; r < R; ++r) rows[r] = w + (o + r) * ld;
     for (int64_t k = 0; k < k_vec; k += 16) {
       __m512 wv[R];
       for (int r = 0; r < R; ++r) wv[r] = Load512<W>::At(rows[r] + k);
       for (int m = 0; m < M; ++m) {
-        __m512 xv = _mm512_loadu_ps(x + m * k_len + k);
-        for (int r = 0; r < R; ++r) acc[m][r] = _mm512_fmadd_ps(xv, wv[r], acc[m][r]);
+        __m512 xv = _mm512_loadu_ps(x + m * ld + k);
+        for (int r = 0; r < R; ++r) acc[m * R + r] = _mm512_fmadd_ps(xv, wv[r], acc[m * R + r]);
       }
     }
+    alignas(64) float sums[16];
+    _mm512_store_ps(sums, Sum16(acc));
     for (int m = 0; m < M; ++m) {
       for (int r = 0; r < R; ++r) {
-        float s = _mm512_reduce_add_ps(acc[m][r]);
-        for (int64_t k = k_vec; k < k_len; ++k) s += x[m * k_len + k] * Load512<W>::Scalar(rows[r] + k);
-        y[m * n + o + r] = s;
+        float s = sums[m * R + r];
+        for (int64_t k = k_vec; k < kc; ++k) s += x[m * ld + k] * Load512<W>::Scalar(rows[r] + k);
+        float& out = y[m * n + o + r];
+        out = accumulate ? out + s : s;
       }
     }
   }
   for (; o < o_end; ++o) {
-    const W* row = w + o * k_len;
+    const W* row = w + o * ld;
     for (int m = 0; m < M; ++m) {
       __m512 acc = _mm512_setzero_ps();
-      for (int64_t k = 0; k < k_vec; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * k_len + k), Load512<W>::At(row + k), acc);
+      for (int64_t k = 0; k < k_vec; k += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(x + m * ld + k), Load512<W>::At(row + k), acc);
       float s = _mm512_reduce_add_ps(acc);
-      for (int64_t k = k_vec; k < k_len; ++k) s += x[m * k_len + k] * Load512<W>::Scalar(row + k);
-      y[m * n + o] = s;
+      for (int64_t k = k_vec; k < kc; ++k) s += x[m * ld + k] * Load512<W>::Scalar(row + k);
+      float& out = y[m * n + o];
+      out = accumulate ? out + s : s;
     }
   }
 }
@@ -125,10 +149,10 @@ __attribute__((target("avx2"))) inline float Sum256(__m256 v) {
 }
 
 template <typename W, int M>
-__attribute__((target("avx2,fma,f16c"))) void Rows256(const W* w, const float* x, int64_t k_len, int64_t o_begin,
-                                                        int64_t o_end, float* y, int64_t n) {
+__attribute__((target("avx2,fma,f16c"))) void Rows256(const W* w, const float* x, int64_t ld, int64_t kc, int64_t o_begin,
+                                                        int64_t o_end, float* y, int64_t n, bool accumulate) {
   constexpr int R = M <= 2 ? 4 : 2;  // 16 ymm registers
-  const int64_t k_vec = k_len - k_len % 8;
+  const int64_t k_vec = kc - kc % 8;
   int64_t o = o_begin;
   for (; o + R <= o_end; o += R) {
     __m256 acc[M][R];
@@ -136,54 +160,65 @@ __attribute__((target("avx2,fma,f16c"))) void Rows256(const W* w, const float* x
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < k_vec; k += 8) {
       __m256 wv[R];
-      for (int r = 0; r < R; ++r) wv[r] = Load256<W>::At(w + (o + r) * k_len + k);
+      for (int r = 0; r < R; ++r) wv[r] = Load256<W>::At(w + (o + r) * ld + k);
       for (int m = 0; m < M; ++m) {
-        __m256 xv = _mm256_loadu_ps(x + m * k_len + k);
+        __m256 xv = _mm256_loadu_ps(x + m * ld + k);
         for (int r = 0; r < R; ++r) acc[m][r] = _mm256_fmadd_ps(xv, wv[r], acc[m][r]);
       }
     }
     for (int m = 0; m < M; ++m) {
       for (int r = 0; r < R; ++r) {
         float s = Sum256(acc[m][r]);
-        for (int64_t k = k_vec; k < k_len; ++k) s += x[m * k_len + k] * static_cast<float>(w[(o + r) * k_len + k]);
-        y[m * n + o + r] = s;
+        for (int64_t k = k_vec; k < kc; ++k) s += x[m * ld + k] * static_cast<float>(w[(o + r) * ld + k]);
+        float& out = y[m * n + o + r];
+        out = accumulate ? out + s : s;
       }
     }
   }
   for (; o < o_end; ++o) {
     for (int m = 0; m < M; ++m) {
       float s = 0;
-      for (int64_t k = 0; k < k_len; ++k) s += x[m * k_len + k] * static_cast<float>(w[o * k_len + k]);
-      y[m * n + o] = s;
+      for (int64_t k = 0; k < kc; ++k) s += x[m * ld + k] * static_cast<float>(w[o * ld + k]);
+      float& out = y[m * n + o];
+      out = accumulate ? out + s : s;
     }
   }
 }
 
-// Up to four x rows per pass over a block of weight rows (the register tile); more rows take
-// further passes over the same block, which is then read from L1/L2 rather than memory, so the
-// weights still stream from memory once per call.
+// Up to four x rows per pass over the weights (the register tile), which then stream from memory
+// once, sequentially. With more rows the product is blocked like a GEMM: x rows in chunks of
+// kRowChunk, columns in equal blocks of at most kColumns, weight rows in blocks of ~128 KB that
+// stay in L2 while every group of four x rows of the chunk passes over them.
+constexpr int64_t kColumns = 768;
+constexpr int64_t kRowChunk = 256;
+
 template <typename W>
 void RunRows(const W* w, const float* x, int64_t rows, int64_t k_len, int64_t o_begin, int64_t o_end, float* y, int64_t n) {
-  auto run = [&](auto m_const, const float* xm, float* ym, int64_t ob, int64_t oe) {
+  auto tile = [&](auto m_const, int64_t m, int64_t k0, int64_t kc, int64_t ob, int64_t oe) {
     constexpr int M = decltype(m_const)::value;
     if (kIsa == Isa::kAvx512) {
-      Rows512<W, M>(w, xm, k_len, ob, oe, ym, n);
+      Rows512<W, M>(w + k0, x + m * k_len + k0, k_len, kc, ob, oe, y + m * n, n, k0 > 0);
     } else {
-      Rows256<W, M>(w, xm, k_len, ob, oe, ym, n);
+      Rows256<W, M>(w + k0, x + m * k_len + k0, k_len, kc, ob, oe, y + m * n, n, k0 > 0);
     }
   };
-  // Weight rows per block: ~48 KB of weights, so a block stays cached across the row passes.
-  const int64_t block = rows <= 4 ? o_end - o_begin : std::max<int64_t>(4, (int64_t{48} << 10) / (k_len * int64_t{sizeof(W)}) / 4 * 4);
-  for (int64_t ob = o_begin; ob < o_end; ob += block) {
-    const int64_t oe = std::min(o_end, ob + block);
-    for (int64_t m = 0; m < rows; m += 4) {
-      const float* xm = x + m * k_len;
-      float* ym = y + m * n;
-      switch (std::min<int64_t>(4, rows - m)) {
-        case 1: run(std::integral_constant<int, 1>{}, xm, ym, ob, oe); break;
-        case 2: run(std::integral_constant<int, 2>{}, xm, ym, ob, oe); break;
-        case 3: run(std::integral_constant<int, 3>{}, xm, ym, ob, oe); break;
-        default: run(std::integral_constant<int, 4>{}, xm, ym, ob, oe); break;
+  const int64_t pieces = rows <= 4 ? 1 : (k_len + kColumns - 1) / kColumns;
+  const int64_t columns = (k_len / pieces + 15) / 16 * 16;
+  const int64_t block = rows <= 4 ? o_end - o_begin : std::max<int64_t>(8, (int64_t{128} << 10) / (columns * int64_t{sizeof(W)}) / 8 * 8);
+  for (int64_t m0 = 0; m0 < rows; m0 += kRowChunk) {
+    const int64_t m1 = std::min(rows, m0 + kRowChunk);
+    for (int64_t k0 = 0; k0 < k_len; k0 += columns) {
+      const int64_t kc = std::min(columns, k_len - k0);
+      for (int64_t ob = o_begin; ob < o_end; ob += block) {
+        const int64_t oe = std::min(o_end, ob + block);
+        for (int64_t m = m0; m < m1; m += 4) {
+          switch (std::min<int64_t>(4, m1 - m)) {
+            case 1: tile(std::integral_constant<int, 1>{}, m, k0, kc, ob, oe); break;
+            case 2: tile(std::integral_constant<int, 2>{}, m, k0, kc, ob, oe); break;
+            case 3: tile(std::integral_constant<int, 3>{}, m, k0, kc, ob, oe); break;
+            default: tile(std::integral_constant<int, 4>{}, m, k0, kc, ob, oe); break;
+          }
+        }
       }
     }
   }
@@ -199,13 +234,10 @@ std::map<PolicyKey, bool>& Policy() {
   return *policy;
 }
 
-// The row counts timed at load; a call uses the decision of the smallest bucket that holds it.
-constexpr int64_t kRowBuckets[] = {1, 4, 16, kMaxKernelRows};
-
 int64_t RowsBucket(int64_t rows) {
   for (int64_t bucket : kRowBuckets)
     if (rows <= bucket) return bucket;
-  return kMaxKernelRows;
+  return std::end(kRowBuckets)[-1];
 }
 
 bool Eligible(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
@@ -213,8 +245,7 @@ bool Eligible(const at::Tensor& x, const at::Tensor& weight, const c10::optional
   at::ScalarType t = weight.scalar_type();
   if (t != at::kFloat && t != at::kBFloat16 && t != at::kHalf) return false;
   if (x.scalar_type() != t || !weight.is_contiguous() || x.size(-1) != weight.size(1) || x.numel() == 0) return false;
-  if (bias && bias->defined() && (bias->scalar_type() != t || bias->dim() != 1 || bias->size(0) != weight.size(0))) return false;
-  return x.numel() / x.size(-1) <= kMaxKernelRows;
+  return !(bias && bias->defined() && (bias->scalar_type() != t || bias->dim() != 1 || bias->size(0) != weight.size(0)));
 }
 
 bool Decided(const at::Tensor& x, const at::Tensor& weight) {
@@ -285,9 +316,9 @@ std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& w
     if (bytes < (int64_t{64} << 20)) group.push_back(w);
   }
   // Up to 4 rows a product is bound by reading the weights: sweep ~64 MB (past the last-level
-  // cache). From 16 rows it is bound by arithmetic: a quarter of that bounds the timing's cost.
+  // cache). From 16 rows it is bound by arithmetic: less bounds the timing's cost.
   auto sweep_of = [](const std::vector<at::Tensor>& group, int64_t rows) {
-    const int64_t budget = rows <= 4 ? (int64_t{64} << 20) : (int64_t{16} << 20);
+    const int64_t budget = rows <= 4 ? (int64_t{64} << 20) : rows <= 64 ? (int64_t{16} << 20) : (int64_t{4} << 20);
     std::vector<at::Tensor> sweep;
     int64_t bytes = 0;
     for (const at::Tensor& w : group) {
@@ -313,13 +344,14 @@ std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& w
       };
       double plain = 0, kernel = 0;
       if (mode == LinearKernelMode::kAuto) {
-        sweep(true);  // first touch of every weight page, and warm-up of both paths
+        sweep(true);  // first touch of every weight page, and the kernel's warm-up
+        (void)at::linear(x, first);  // libtorch's (MKL's, oneDNN's) first-call set-up
         plain = sweep(false);
         kernel = sweep(true);
       }
-      // A path 3x slower than the other needs no more runs (bfloat16 one-row at::linear can take
+      // A path 2x slower than the other needs no more runs (bfloat16 one-row at::linear can take
       // seconds per sweep on real sizes); otherwise the best of three, alternating.
-      if (mode == LinearKernelMode::kAuto && plain < 3 * kernel && kernel < 3 * plain) {
+      if (mode == LinearKernelMode::kAuto && plain < 2 * kernel && kernel < 2 * plain) {
         for (int i = 0; i < 2; ++i) {
           plain = std::min(plain, sweep(false));
           kernel = std::min(kernel, sweep(true));

@@ -1,15 +1,15 @@
 // blip2::linear, a TorchScript operator for the language model's decode-step products.
 //
-// A decode step multiplies one row per running sequence (1 to 64) by every weight matrix. With
-// few rows that is pure weight streaming, bound by memory bandwidth; libtorch's CPU path is far
-// from the bound there on the machines we measured: MKL runs one-row float32 products on one
-// thread (19 GB/s where two threads read 45), bfloat16 ones go through a scalar fallback (the
-// 50272x768 OPT head: 141 ms instead of ~3), and its float32 GEMM of 16 rows reaches ~50 GFLOP/s
-// on 2 Zen 5 cores. blip2::linear splits the output rows over the intra-op threads and streams the
-// weights with AVX-512 or AVX2 FMA kernels (float32, bfloat16 and float16 weights, float32
-// accumulation), 4 x rows by 4-8 weight rows in registers, further x rows re-reading a cached
-// block of weights; anything else (more rows, other devices, strided inputs, a CPU without AVX2)
-// calls at::linear.
+// A decode step multiplies one row per running sequence (1 to 64) by every weight matrix; a
+// prefill or the image encoder, hundreds to thousands of rows. With few rows that is pure weight
+// streaming, bound by memory bandwidth, and libtorch's CPU path is far from the bound on the
+// machines we measured: MKL runs one-row float32 products on one thread (19 GB/s where two
+// threads read 45), bfloat16 ones go through a scalar fallback (the 50272x768 OPT head: 141 ms
+// instead of ~3). With many rows MKL's float32 GEMM runs its AVX2 code on AMD CPUs (~160 GFLOP/s
+// on 2 Zen 5 cores, where AVX-512 reaches ~300). blip2::linear splits the output rows over the
+// intra-op threads and computes with AVX-512 or AVX2 FMA kernels (float32, bfloat16 and float16
+// weights, float32 accumulation): 4 x rows by 4-8 weight rows in registers, blocked like a GEMM
+// beyond 4 rows; anything else (other devices, other dtypes, a CPU without AVX2) calls at::linear.
 //
 // Whether the kernel is used is decided per weight shape, dtype and row count by timing both
 // paths on the model's own weights at load (Decide); until decided, and wherever libtorch was as
@@ -24,9 +24,9 @@
 
 namespace blip2 {
 
-// Rows (x.numel() / in_features) up to which the kernel may be used: a decode step of up to 64
-// sequences. Prefill products (hundreds of rows) stay with libtorch's GEMM.
-constexpr int64_t kMaxKernelRows = 64;
+// The row counts (x.numel() / in_features) timed at load. A call uses the decision of the smallest
+// bucket that holds its rows; more than 64 rows (prefill, the image encoder) that of the last.
+constexpr int64_t kRowBuckets[] = {1, 4, 16, 64, 256};
 
 // Which instruction set the kernel runs with here: "avx512", "avx2" or "none" (never used).
 const char* LinearKernelIsa();
@@ -46,7 +46,7 @@ enum class LinearKernelMode {
   kAlways,  // use the kernel wherever it applies, no timing (tests: BLIP2_LINEAR_KERNEL=on)
 };
 
-// Times both paths for each distinct weight (by shape and dtype) at 1, 4, 16 and kMaxKernelRows rows and
+// Times both paths for each distinct weight (by shape and dtype) at each of kRowBuckets and
 // records the faster one. `weights` are [out, in] matrices of the model (their own memory, so the
 // timing sees the real cache behaviour). Returns what was decided.
 std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& weights, LinearKernelMode mode);

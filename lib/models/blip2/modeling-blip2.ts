@@ -158,9 +158,9 @@ export class Blip2ForConditionalGeneration {
   }
 
   /**
-   * What the load-time timing chose for each weight shape of the language model on this CPU: the
-   * runtime's one-row product kernel, or libtorch's (empty on other devices or with
-   * BLIP2_LINEAR_KERNEL=off).
+   * What the load-time timing chose for each weight shape of the model on this CPU and each row
+   * bucket (1, 4, 16, 64, more): the runtime's product kernel, or libtorch's (empty on other
+   * devices or with BLIP2_LINEAR_KERNEL=off).
    */
   get linearKernels(): NativeLinearDecision[] {
     return this.#native.linearKernels;
