@@ -304,7 +304,7 @@ std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& w
   std::vector<LinearDecision> decisions;
   if (kIsa == Isa::kNone) return decisions;
   // Group the model's weights by shape and dtype; time a sweep over several of them (as a decode
-  // step reads them, mostly from memory rather than cache), up to ~64 MB per sweep.
+  // step reads them, mostly from memory rather than cache).
   std::map<std::tuple<int64_t, int64_t, int>, std::vector<at::Tensor>> groups;
   for (const at::Tensor& w : weights) {
     if (w.dim() != 2 || !w.is_contiguous() || !w.device().is_cpu()) continue;
@@ -315,15 +315,28 @@ std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& w
     for (const auto& g : group) bytes += g.nbytes();
     if (bytes < (int64_t{64} << 20)) group.push_back(w);
   }
-  // Up to 4 rows a product is bound by reading the weights: sweep ~64 MB (past the last-level
-  // cache). From 16 rows it is bound by arithmetic: less bounds the timing's cost.
+  // Up to 4 rows a product is bound by reading the weights: sweep ~64 MB at one row, past the
+  // last-level cache. With more rows it is bound by arithmetic, and smaller sweeps bound the
+  // timing's cost at load. A matrix larger than the sweep (an LM head) is timed on its first
+  // output rows, a contiguous [rows, in] matrix of its own, and the time scaled to the whole.
+  struct Sweep {
+    std::vector<at::Tensor> weights;
+    double scale = 1;  // full products per timed product
+  };
   auto sweep_of = [](const std::vector<at::Tensor>& group, int64_t rows) {
-    const int64_t budget = rows <= 4 ? (int64_t{64} << 20) : rows <= 64 ? (int64_t{16} << 20) : (int64_t{4} << 20);
-    std::vector<at::Tensor> sweep;
+    const int64_t budget = (rows <= 1 ? int64_t{64} : rows <= 4 ? int64_t{32} : rows <= 64 ? int64_t{8} : int64_t{2}) << 20;
+    Sweep sweep;
     int64_t bytes = 0;
     for (const at::Tensor& w : group) {
-      if (!sweep.empty() && bytes >= budget) break;
-      sweep.push_back(w);
+      if (!sweep.weights.empty() && bytes >= budget) break;
+      if (sweep.weights.empty() && w.nbytes() > static_cast<size_t>(budget)) {
+        const int64_t row_bytes = w.size(1) * static_cast<int64_t>(w.element_size());
+        const int64_t out = std::min<int64_t>(w.size(0), std::max<int64_t>(64, budget / row_bytes / 16 * 16));
+        sweep.weights.push_back(w.narrow(0, 0, out));
+        sweep.scale = static_cast<double>(w.size(0)) / static_cast<double>(out);
+        break;
+      }
+      sweep.weights.push_back(w);
       bytes += w.nbytes();
     }
     return sweep;
@@ -331,7 +344,8 @@ std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& w
   using Clock = std::chrono::steady_clock;
   for (auto& [key, all] : groups) {
     for (int64_t rows : kRowBuckets) {
-      const std::vector<at::Tensor> group = sweep_of(all, rows);
+      const Sweep timed = sweep_of(all, rows);
+      const std::vector<at::Tensor>& group = timed.weights;
       const at::Tensor& first = group.front();
       at::Tensor x = at::randn({rows, first.size(1)}).to(first.scalar_type());
       auto sweep = [&](bool kernel) {
@@ -361,8 +375,8 @@ std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& w
       std::tie(d.out_features, d.in_features, std::ignore) = key;
       d.dtype = first.scalar_type();
       d.rows = rows;
-      d.plain_ms = plain / static_cast<double>(group.size());
-      d.kernel_ms = kernel / static_cast<double>(group.size());
+      d.plain_ms = plain * timed.scale / static_cast<double>(group.size());
+      d.kernel_ms = kernel * timed.scale / static_cast<double>(group.size());
       d.use_kernel = mode == LinearKernelMode::kAlways || kernel < plain;
       {
         std::lock_guard<std::mutex> lock(policy_mutex);
