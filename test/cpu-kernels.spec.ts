@@ -1,4 +1,6 @@
 import { strict as assert } from 'node:assert';
+import { spawnSync } from 'node:child_process';
+import * as path from 'node:path';
 
 import { Blip2ForConditionalGeneration, Tensor, versions } from '../lib';
 import { binding } from '../lib/native/binding';
@@ -55,6 +57,18 @@ describe('blip2::linear, the decode-step product kernel (native/kernels/linear)'
         }
       }
     }
+  });
+
+  it('the AVX2 kernels (BLIP2_LINEAR_ISA=avx2, in a child process) pass the same comparison', function () {
+    if (versions.linearKernel !== 'avx512' || process.env.BLIP2_LINEAR_ISA) this.skip();
+    this.timeout(600_000);
+    const root = path.join(__dirname, '..');
+    const result = spawnSync(path.join(root, 'node_modules', '.bin', 'mocha'),
+      ['--no-config', '--require', 'tsx', '--timeout', '600000', path.join('test', 'cpu-kernels.spec.ts'), '--grep', 'equals at::linear'],
+      { cwd: root, encoding: 'utf8', env: { ...process.env, BLIP2_LINEAR_ISA: 'avx2' } });
+    assert.equal(result.status, 0, result.stdout + result.stderr);
+    assert.match(result.stdout, /\(avx2\)/);
+    assert.match(result.stdout, /1 passing/);
   });
 
   it('is chosen per weight shape by timing at load; greedy tokens equal the plain path and a forward()-only decoder', async () => {
