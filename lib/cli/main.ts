@@ -2,6 +2,7 @@
 // The `blip2` command: export checkpoints, caption images, serve a model over HTTP.
 import { Blip2Error } from '../errors';
 import { packageRoot } from '../native/binding';
+import { integerRange, isInteger } from '../validation';
 import { versions } from '../runtime/device';
 import { CaptionUsageError, runCaption } from './caption';
 import { ExportDisplay, manifestSummary } from './export-display';
@@ -106,7 +107,7 @@ function intFlag(p: Parsed, name: string, min = 1): number | undefined {
   const v = flag(p, name);
   if (v === undefined) return undefined;
   const n = Number(v);
-  if (v.trim() === '' || !Number.isSafeInteger(n) || n < min) throw new UsageError(`--${name} must be an integer >= ${min}, got '${v}'`);
+  if (v.trim() === '' || !isInteger(n, min)) throw new UsageError(`--${name} must be ${integerRange(min)}, got '${v}'`);
   return n;
 }
 

@@ -2,6 +2,7 @@
 // generation_config.json, and validation with errors that name the option, value and range.
 import type { NativeGenerateOptions, NativeStepEvent } from '../../typings/binding';
 import { InvalidArgumentError } from '../errors';
+import { finite, integer } from '../validation';
 import type { TokenDelta } from './streaming';
 
 /** Options of generate(), transformers' generation parameters in camelCase. Each default is the model's generation_config.json value when it has one, else transformers' default (stated per option). */
@@ -68,20 +69,6 @@ const KNOWN_OPTIONS = new Set([
   'lengthPenalty', 'earlyStopping', 'numReturnSequences', 'eosTokenId', 'padTokenId', 'seed', 'signal', 'onStep',
   'returnDictInGenerate', 'onToken', 'stopOnAbortSignal',
 ]);
-
-/** `value` as an integer in [min, max], else an InvalidArgumentError naming `name`. */
-export function integer(name: string, value: unknown, min: number, max = Number.MAX_SAFE_INTEGER): number {
-  if (typeof value !== 'number' || !Number.isInteger(value) || value < min || value > max) {
-    throw InvalidArgumentError.of(name, value, max === Number.MAX_SAFE_INTEGER ? `an integer >= ${min}` : `an integer from ${min} to ${max}`);
-  }
-  return value;
-}
-
-/** `value` as a finite number passing `check`, else an InvalidArgumentError naming `name` and `expected`. */
-export function finite(name: string, value: unknown, check: (v: number) => boolean, expected: string): number {
-  if (typeof value !== 'number' || !Number.isFinite(value) || !check(value)) throw InvalidArgumentError.of(name, value, expected);
-  return value;
-}
 
 function tokenIds(name: string, value: unknown, vocabSize: number): number[] {
   const list = Array.isArray(value) ? value : [value];

@@ -9,6 +9,7 @@ import * as path from 'node:path';
 
 import type { NativeDType, NativeWeights } from '../../typings/binding';
 import { InvalidArgumentError, ModelLoadError } from '../errors';
+import { integerRange, isInteger } from '../validation';
 
 export interface ManifestModule {
   file: string;
@@ -141,8 +142,8 @@ async function readSafetensorsHeader(file: string, fileIndex: number, size: numb
       const shape = e.shape;
       const offsets = e.data_offsets;
       if (!dtype) throw damaged(`tensor '${key}' has dtype ${JSON.stringify(e.dtype)}`);
-      if (!Array.isArray(shape) || !shape.every((d) => Number.isSafeInteger(d) && d >= 0)) throw damaged(`tensor '${key}' has shape ${JSON.stringify(shape)}`);
-      if (!Array.isArray(offsets) || offsets.length !== 2 || !offsets.every((d) => Number.isSafeInteger(d) && d >= 0) || offsets[1] < offsets[0]) {
+      if (!Array.isArray(shape) || !shape.every((d) => isInteger(d, 0))) throw damaged(`tensor '${key}' has shape ${JSON.stringify(shape)}`);
+      if (!Array.isArray(offsets) || offsets.length !== 2 || !offsets.every((d) => isInteger(d, 0)) || offsets[1] < offsets[0]) {
         throw damaged(`tensor '${key}' has data_offsets ${JSON.stringify(offsets)}`);
       }
       const nbytes = offsets[1] - offsets[0];
@@ -176,7 +177,7 @@ function checkAgainstWeights(manifest: Manifest, weights: Map<string, WeightTens
   const tokens = manifest.special_tokens as unknown as Record<string, unknown> | undefined;
   if (tokens === null || typeof tokens !== 'object') throw damaged('special_tokens', tokens, 'expected an object of token ids');
   const vocab = manifest.architecture === 'itm' ? manifest.qformer.vocab_size : manifest.vocab_size;
-  const isId = (v: unknown) => v === null || (typeof v === 'number' && Number.isSafeInteger(v) && v >= 0 && (vocab === undefined || v < vocab));
+  const isId = (v: unknown) => v === null || isInteger(v, 0, vocab === undefined ? Number.MAX_SAFE_INTEGER : vocab - 1);
   for (const name of ['bos_token_id', 'pad_token_id', 'decoder_start_token_id']) {
     if (tokens[name] !== undefined && !isId(tokens[name])) throw damaged(`special_tokens.${name}`, tokens[name], `expected null or a token id below ${vocab}`);
   }
@@ -240,9 +241,7 @@ export async function readJson(file: string, required: boolean): Promise<Record<
 
 function requireNumber(manifest: Record<string, unknown>, key: string, file: string, min = 1): number {
   const value = key.split('.').reduce<unknown>((node, k) => (node as Record<string, unknown> | undefined)?.[k], manifest);
-  if (typeof value !== 'number' || !Number.isInteger(value) || value < min) {
-    throw new ModelLoadError(`'${file}' is damaged: '${key}' is ${JSON.stringify(value)}; expected an integer >= ${min}`, { file });
-  }
+  if (!isInteger(value, min)) throw new ModelLoadError(`'${file}' is damaged: '${key}' is ${JSON.stringify(value)}; expected ${integerRange(min)}`, { file });
   return value;
 }
 

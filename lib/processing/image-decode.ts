@@ -23,6 +23,7 @@ import type { NativeImage } from '../../typings/binding';
 
 import { ImageDecodeError, InvalidArgumentError, describeValue } from '../errors';
 import { Semaphore } from '../runtime/semaphore';
+import { integer, isInteger } from '../validation';
 
 /** 8-bit interleaved pixels: channels 1 = grey, 2 = grey + alpha, 3 = RGB, 4 = RGBA; rows packed. */
 export interface RawImage {
@@ -82,10 +83,7 @@ function decodeError(index: number, message: string, cause?: unknown): ImageDeco
 
 export function checkMaxPixels(maxPixels: unknown, argument = 'maxPixels', fallback = DEFAULT_MAX_PIXELS): number {
   if (maxPixels === undefined) return fallback;
-  if (typeof maxPixels !== 'number' || !Number.isSafeInteger(maxPixels) || maxPixels < 1) {
-    throw InvalidArgumentError.of(argument, maxPixels, 'an integer >= 1');
-  }
-  return maxPixels;
+  return integer(argument, maxPixels, 1);
 }
 
 /** An image whose size is known (header read, limits checked) and whose pixels are not decoded yet. */
@@ -105,7 +103,7 @@ function probeRaw(raw: RawImage, index: number, maxPixels: number): ProbedImage 
     });
   }
   for (const [key, value] of [['width', width], ['height', height]] as const) {
-    if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 0) {
+    if (!isInteger(value, 0)) {
       throw new InvalidArgumentError(`argument '${where}.${key}' is ${describeValue(value)}; expected a positive integer`, {
         argument: `${where}.${key}`, value: describeValue(value), expected: 'a positive integer', index,
       });

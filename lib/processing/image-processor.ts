@@ -10,6 +10,7 @@ import { AbortError, ImageDecodeError, InvalidArgumentError, ModelLoadError } fr
 import { requireSignal, withAbort } from '../runtime/abort';
 import { binding } from '../native/binding';
 import { Tensor } from '../tensor/tensor';
+import { isInteger } from '../validation';
 import {
   DEFAULT_MAX_PIXELS, DEFAULT_MAX_TOTAL_PIXELS, type DecodedImage, type ImageInput, type ProbedImage, checkMaxPixels, decodeProbed, probeImage,
 } from './image-decode';
@@ -80,7 +81,7 @@ function channelValues(config: BlipImageProcessorConfig, key: 'image_mean' | 'im
 
 /** transformers' get_size_dict(size, default_to_square=True) → {height, width}, which BLIP's resize requires. */
 function parseSize(size: BlipImageProcessorConfig['size']): { height: number; width: number } {
-  const positive = (x: unknown): x is number => typeof x === 'number' && Number.isSafeInteger(x) && x >= 1;
+  const positive = (x: unknown): x is number => isInteger(x, 1);
   if (size === undefined || size === null) return { height: 384, width: 384 };
   if (positive(size)) return { height: size, width: size };
   if (Array.isArray(size) && size.length === 2 && positive(size[0]) && positive(size[1])) return { height: size[0], width: size[1] };
@@ -133,7 +134,7 @@ export class BlipImageProcessor {
     this.doResize = bool(config, 'do_resize', true);
     this.size = parseSize(config.size);
     const resample = config.resample ?? PIL_RESAMPLE.bicubic;
-    if (typeof resample !== 'number' || !Number.isInteger(resample) || resample < 0 || resample > 5) {
+    if (!isInteger(resample, 0, 5)) {
       throw configError('resample', resample, 'a PIL resample number from 0 to 5 (3 = bicubic)');
     }
     this.resample = resample;

@@ -25,6 +25,7 @@ import * as path from 'node:path';
 import { InvalidArgumentError, ModelLoadError, describeValue } from '../errors';
 import { requireSignal } from '../runtime/abort';
 import { Tensor } from '../tensor/tensor';
+import { integerRange, isInteger } from '../validation';
 import type { ImageInput } from './image-decode';
 import { BlipImageProcessor, type PixelDType, throwIfAborted } from './image-processor';
 import { TEXT_LIMITS } from './tokenizer-core';
@@ -86,7 +87,7 @@ interface ManifestInfo {
   dtype?: string;
 }
 
-const positiveInteger = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 1;
+const positiveInteger = (v: unknown): v is number => isInteger(v, 1);
 
 function readJsonIfExists(file: string): Record<string, unknown> | undefined {
   if (!fs.existsSync(file)) return undefined;
@@ -123,7 +124,7 @@ export class Blip2Processor {
     if (!(imageProcessor instanceof BlipImageProcessor)) throw InvalidArgumentError.of('imageProcessor', imageProcessor, 'a BlipImageProcessor');
     if (!(tokenizer instanceof PreTrainedTokenizer)) throw InvalidArgumentError.of('tokenizer', tokenizer, 'a PreTrainedTokenizer');
     const nq = options.numQueryTokens ?? null;
-    if (nq !== null && (!Number.isSafeInteger(nq) || nq < 1)) throw InvalidArgumentError.of('numQueryTokens', nq, 'an integer >= 1 or null');
+    if (nq !== null && !positiveInteger(nq)) throw InvalidArgumentError.of('numQueryTokens', nq, 'an integer >= 1 or null');
     const bound = options.maxLengthBound;
     if (bound !== undefined && !positiveInteger(bound)) throw InvalidArgumentError.of('maxLengthBound', bound, 'an integer >= 1');
     const id = tokenizer.tokenToId(IMAGE_TOKEN);
@@ -162,9 +163,9 @@ export class Blip2Processor {
       // Retrieval models take the text alone (transformers' would strip the image tokens again).
       numQueryTokens = null;
     } else if (fromConfig !== undefined && fromConfig !== null) {
-      if (typeof fromConfig !== 'number' || !Number.isSafeInteger(fromConfig) || fromConfig < 1) {
+      if (!positiveInteger(fromConfig)) {
         const file = path.join(dir, 'processor_config.json');
-        throw new ModelLoadError(`${file}: num_query_tokens is ${describeValue(fromConfig)}; expected an integer >= 1`, { file });
+        throw new ModelLoadError(`${file}: num_query_tokens is ${describeValue(fromConfig)}; expected ${integerRange(1)}`, { file });
       }
       numQueryTokens = fromConfig;
     } else if (manifest && manifest.image_token_index !== null && manifest.image_token_index !== undefined && typeof manifest.num_query_tokens === 'number') {

@@ -5,6 +5,7 @@
 import { Tokenizer } from '@huggingface/tokenizers';
 
 import { Blip2Error, InvalidArgumentError } from '../errors';
+import { isInteger } from '../validation';
 
 export type JsonObject = Record<string, unknown>;
 
@@ -216,7 +217,7 @@ export function decodeRows(backend: Tokenizer, specialTokenIds: ReadonlySet<numb
     const kept: number[] = [];
     for (let j = 0; j < row.length; j++) {
       const raw = row[j];
-      const ok = typeof raw === 'bigint' ? raw >= 0n && raw < vocabBig : typeof raw === 'number' && Number.isInteger(raw) && raw >= 0 && raw < vocab;
+      const ok = typeof raw === 'bigint' ? raw >= 0n && raw < vocabBig : isInteger(raw, 0, vocab - 1);
       if (!ok) {
         const argument = plan.batched ? `${plan.argument}[${r}][${j}]` : `${plan.argument}[${j}]`;
         const shown = typeof raw === 'bigint' ? String(raw) : typeof raw === 'number' ? String(raw) : typeof raw;

@@ -15,6 +15,7 @@ import type { Tokenizer } from '@huggingface/tokenizers';
 import { DTypeError, InvalidArgumentError, ModelLoadError, describeValue } from '../errors';
 import { isIntegerDType } from '../tensor/dtype';
 import { Tensor } from '../tensor/tensor';
+import { integer, integerRange, isInteger } from '../validation';
 import {
   type DecodePlan, type EncodePlan, type EncodedBatch, type JsonObject, TEXT_LIMITS, buildBackend, decodeRows, encodeBatch,
 } from './tokenizer-core';
@@ -113,21 +114,17 @@ function readJsonText(file: string, required: boolean): { text: string; json: Js
 
 /** A length option: an integer from 1 to `bound`, checked before anything is allocated. */
 function requireLength(value: unknown, argument: string, bound: number, boundSource: string): number {
-  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 1 || value > bound) {
-    throw InvalidArgumentError.of(argument, value, `an integer from 1 to ${bound} (${boundSource})`);
-  }
-  return value;
+  return integer(argument, value, 1, bound, `${integerRange(1, bound)} (${boundSource})`);
 }
 
 function requireBound(value: unknown, argument: string): number {
-  if (typeof value !== 'number' || !Number.isSafeInteger(value) || value < 1) throw InvalidArgumentError.of(argument, value, 'an integer >= 1');
-  return value;
+  return integer(argument, value, 1);
 }
 
 /** What fromPretrained read for the constructor it calls: tokenizer.json's text (for the worker thread) and the model's bound. */
 let loading: { text: string; bound?: { value: number; source: string } } | undefined;
 
-const positiveInteger = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v) && v >= 1;
+const positiveInteger = (v: unknown): v is number => isInteger(v, 1);
 
 /**
  * What the language model of a folder holds: from a model folder's manifest.json (the positions

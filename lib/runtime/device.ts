@@ -4,6 +4,7 @@ import * as path from 'node:path';
 
 import { InvalidArgumentError } from '../errors';
 import { binding, packageRoot } from '../native/binding';
+import { integerRange, isInteger } from '../validation';
 
 /** Devices this process can use: 'cpu' and one 'cuda:N' per visible GPU (with a CUDA build of libtorch). */
 export function devices(): string[] {
@@ -44,8 +45,8 @@ export const versions: Versions = (() => {
  */
 export function setNumThreads(threads: number): Promise<number> {
   const cores = os.availableParallelism();
-  if (!Number.isInteger(threads) || threads < 1 || threads > cores) {
-    return Promise.reject(InvalidArgumentError.of('threads', threads, `an integer from 1 to ${cores} (os.availableParallelism())`));
+  if (!isInteger(threads, 1, cores)) {
+    return Promise.reject(InvalidArgumentError.of('threads', threads, `${integerRange(1, cores)} (os.availableParallelism())`));
   }
   return binding.setNumThreads(threads);
 }

@@ -6,6 +6,7 @@ import { randomBytes } from 'node:crypto';
 
 import type { GenerateOptions } from '../generation/options';
 import { badRequest } from './http-error';
+import { integerRange, isInteger } from '../validation';
 
 /** A checked chat request. */
 export interface ChatRequest {
@@ -34,9 +35,7 @@ const given = (body: Json, key: string): boolean => body[key] !== undefined && b
 function integer(body: Json, key: string, min: number, max = Number.MAX_SAFE_INTEGER): number | undefined {
   if (!given(body, key)) return undefined;
   const v = body[key];
-  if (typeof v !== 'number' || !Number.isSafeInteger(v) || v < min || v > max) {
-    throw badRequest(key, `'${key}' is ${JSON.stringify(v)}; expected an integer ${max === Number.MAX_SAFE_INTEGER ? `>= ${min}` : `from ${min} to ${max}`}`);
-  }
+  if (!isInteger(v, min, max)) throw badRequest(key, `'${key}' is ${JSON.stringify(v)}; expected ${integerRange(min, max)}`);
   return v;
 }
 

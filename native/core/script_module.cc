@@ -15,6 +15,24 @@
 
 namespace blip2 {
 
+void SetFusedAttention(torch::jit::Module& module, bool fused, const std::string& path) {
+  int count = 0;
+  for (const auto& sub : module.named_modules()) {
+    torch::jit::Module m = sub.value;
+    if (m.hasattr("fused") && m.attr("fused").isBool()) {
+      m.setattr("fused", fused);
+      ++count;
+    }
+  }
+  // Exports before the switch have eager attention only; asking them for sdpa is an error, not a
+  // silent eager run.
+  if (fused && count == 0) {
+    throw Error(ErrorCode::kModelLoad,
+                "model file '" + path + "' has no switchable vision attention (exported before attention: 'sdpa' existed); re-export the folder with `blip2 export`, or use attention: 'eager'",
+                {{"file", path}});
+  }
+}
+
 std::shared_ptr<LoadedModule> LoadedModule::Load(const std::string& path, const c10::Device& device) {
   {
     std::ifstream probe(path, std::ios::binary);

@@ -13,6 +13,11 @@
 
 namespace blip2 {
 
+// Sets the `fused` attribute of every submodule that has one (the vision attention's choice of
+// transformers' sdpa path over its eager one); a ModelLoadError naming `path` when `fused` is asked
+// of a module without any.
+void SetFusedAttention(torch::jit::Module& module, bool fused, const std::string& path);
+
 struct LoadedModule {
   torch::jit::Module module;
   c10::Device device{c10::kCPU};

@@ -34,11 +34,6 @@ struct WeightBinding {
 
 class MappedFile;
 
-// Sets the `fused` attribute of every submodule that has one (the vision attention's choice of
-// transformers' sdpa path over its eager one); a ModelLoadError naming `path` when `fused` is asked
-// of a module without any.
-void SetFusedAttention(torch::jit::Module& module, bool fused, const std::string& path);
-
 class WeightStore {
  public:
   // Maps every file (read-only data, private copy-on-write pages, so nothing can ever write to the

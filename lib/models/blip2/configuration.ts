@@ -15,6 +15,7 @@ import { isDeepStrictEqual } from 'node:util';
 
 import { InvalidArgumentError, ModelLoadError, describeValue } from '../../errors';
 import { readJson } from '../model-folder';
+import { isInteger } from '../../validation';
 
 /** A config as a JSON object with transformers' snake_case keys (config.json's content). */
 export type ConfigJSON = Record<string, unknown>;
@@ -168,7 +169,7 @@ interface Kind {
 }
 
 const kind = (expected: string, test: (value: unknown) => boolean): Kind => ({ expected, test });
-const isInt = (v: unknown): v is number => typeof v === 'number' && Number.isSafeInteger(v);
+const isInt = (v: unknown): v is number => isInteger(v);
 const INT = kind('an integer', isInt);
 const NUMBER = kind('a finite number', (v) => typeof v === 'number' && Number.isFinite(v));
 const BOOL = kind('a boolean', (v) => typeof v === 'boolean');

@@ -3,7 +3,8 @@ import type {
   NativeBlip2Model, NativeCancelToken, NativeDType, NativeLinearDecision, NativeModelStats, NativeStepEvent,
 } from '../../../typings/binding';
 import { AbortError, DTypeError, DisposedError, InternalError, InvalidArgumentError, ModelLoadError, ShapeError } from '../../errors';
-import { type GenerateOptions, type GenerationStep, finite, integer, resolveGenerateOptions } from '../../generation/options';
+import { type GenerateOptions, type GenerationStep, resolveGenerateOptions } from '../../generation/options';
+import { finite, integer } from '../../validation';
 import { TextStreamer, type TokenDelta } from '../../generation/streaming';
 import { PreTrainedTokenizer } from '../../processing/tokenizer';
 import { binding } from '../../native/binding';
