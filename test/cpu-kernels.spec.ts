@@ -20,7 +20,7 @@ async function linear(x: Tensor, w: Tensor, b: Tensor | null, kernel: boolean): 
   return (await f32.toArray()) as Float32Array;
 }
 
-describe('blip2::linear, the decode-step product kernel (native/kernels/linear)', () => {
+describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)', () => {
   it(`equals at::linear for float32, bfloat16 and float16 weights, 1 to 300 rows, sizes with vector tails (${versions.linearKernel})`, async function () {
     if (versions.linearKernel === 'none') this.skip();
     for (const dtype of ['float32', 'bfloat16', 'float16'] as const) {
@@ -76,7 +76,7 @@ describe('blip2::linear, the decode-step product kernel (native/kernels/linear)'
     const timed = await Blip2ForConditionalGeneration.fromPretrained(modelDir);
     const decisions = timed.linearKernels;
     if (versions.linearKernel !== 'none') {
-      // Every LM matrix shape, at 1, 4, 16, 64 and 256 rows, was timed both ways.
+      // Every matrix shape of both modules, at 1, 4, 16, 64 and 256 rows, was timed both ways.
       assert.ok(decisions.length >= 20, JSON.stringify(decisions));
       assert.deepEqual([...new Set(decisions.map((d) => d.rows))].sort((a, b) => a - b), [1, 4, 16, 64, 256]);
       for (const d of decisions) assert.ok(d.plainMs > 0 && d.kernelMs > 0 && d.useKernel === d.kernelMs < d.plainMs, JSON.stringify(d));

@@ -25,7 +25,7 @@ import * as path from 'node:path';
 import { InvalidArgumentError, ModelLoadError, describeValue } from '../errors';
 import { requireSignal } from '../runtime/abort';
 import { Tensor } from '../tensor/tensor';
-import { integerRange, isInteger } from '../validation';
+import { integer, integerRange, isInteger } from '../validation';
 import type { ImageInput } from './image-decode';
 import { BlipImageProcessor, type PixelDType, throwIfAborted } from './image-processor';
 import { TEXT_LIMITS } from './tokenizer-core';
@@ -87,8 +87,6 @@ interface ManifestInfo {
   dtype?: string;
 }
 
-const positiveInteger = (v: unknown): v is number => isInteger(v, 1);
-
 function readJsonIfExists(file: string): Record<string, unknown> | undefined {
   if (!fs.existsSync(file)) return undefined;
   try {
@@ -124,9 +122,9 @@ export class Blip2Processor {
     if (!(imageProcessor instanceof BlipImageProcessor)) throw InvalidArgumentError.of('imageProcessor', imageProcessor, 'a BlipImageProcessor');
     if (!(tokenizer instanceof PreTrainedTokenizer)) throw InvalidArgumentError.of('tokenizer', tokenizer, 'a PreTrainedTokenizer');
     const nq = options.numQueryTokens ?? null;
-    if (nq !== null && !positiveInteger(nq)) throw InvalidArgumentError.of('numQueryTokens', nq, 'an integer >= 1 or null');
+    if (nq !== null && !isInteger(nq, 1)) throw InvalidArgumentError.of('numQueryTokens', nq, 'an integer >= 1 or null');
     const bound = options.maxLengthBound;
-    if (bound !== undefined && !positiveInteger(bound)) throw InvalidArgumentError.of('maxLengthBound', bound, 'an integer >= 1');
+    if (bound !== undefined) integer('maxLengthBound', bound, 1);
     const id = tokenizer.tokenToId(IMAGE_TOKEN);
     if (id === undefined) {
       throw new InvalidArgumentError(`the tokenizer has no ${IMAGE_TOKEN} token; load it with ensureTokens: ['${IMAGE_TOKEN}']`, {
@@ -163,7 +161,7 @@ export class Blip2Processor {
       // Retrieval models take the text alone (transformers' would strip the image tokens again).
       numQueryTokens = null;
     } else if (fromConfig !== undefined && fromConfig !== null) {
-      if (!positiveInteger(fromConfig)) {
+      if (!isInteger(fromConfig, 1)) {
         const file = path.join(dir, 'processor_config.json');
         throw new ModelLoadError(`${file}: num_query_tokens is ${describeValue(fromConfig)}; expected ${integerRange(1)}`, { file });
       }

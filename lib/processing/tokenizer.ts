@@ -124,8 +124,6 @@ function requireBound(value: unknown, argument: string): number {
 /** What fromPretrained read for the constructor it calls: tokenizer.json's text (for the worker thread) and the model's bound. */
 let loading: { text: string; bound?: { value: number; source: string } } | undefined;
 
-const positiveInteger = (v: unknown): v is number => isInteger(v, 1);
-
 /**
  * What the language model of a folder holds: from a model folder's manifest.json (the positions
  * its input cache holds: max_length for OPT, max_encoder_length for T5; none for retrieval) or a
@@ -138,12 +136,12 @@ function modelLimits(dir: string): { maxText?: number; source?: string; vocabSiz
   const config = readJsonText(path.join(dir, 'config.json'), false)?.json ?? {};
   const text = (config.text_config ?? {}) as JsonObject;
   const queries = manifest?.num_query_tokens ?? config.num_query_tokens;
-  const vocabSize = positiveInteger(manifest?.vocab_size) ? manifest.vocab_size : positiveInteger(text.vocab_size) ? text.vocab_size : undefined;
+  const vocabSize = isInteger(manifest?.vocab_size, 1) ? manifest.vocab_size : isInteger(text.vocab_size, 1) ? text.vocab_size : undefined;
   const key = manifest?.architecture === 't5' ? 'max_encoder_length' : manifest?.architecture === 'itm' ? undefined : 'max_length';
   const fromManifest = key === undefined ? undefined : manifest?.[key];
-  const [positions, where] = positiveInteger(fromManifest) ? [fromManifest, `manifest.json ${key}`]
-    : !manifest && positiveInteger(text.max_position_embeddings) ? [text.max_position_embeddings, 'config.json text_config.max_position_embeddings'] : [undefined, ''];
-  if (positions === undefined || !positiveInteger(queries) || positions <= queries) return { vocabSize };
+  const [positions, where] = isInteger(fromManifest, 1) ? [fromManifest, `manifest.json ${key}`]
+    : !manifest && isInteger(text.max_position_embeddings, 1) ? [text.max_position_embeddings, 'config.json text_config.max_position_embeddings'] : [undefined, ''];
+  if (positions === undefined || !isInteger(queries, 1) || positions <= queries) return { vocabSize };
   return { maxText: positions - queries, source: `the language model's ${positions} positions (${where}) less its ${queries} query tokens`, vocabSize };
 }
 

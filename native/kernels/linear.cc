@@ -315,10 +315,7 @@ std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& w
     if (w.dim() != 2 || !w.is_contiguous() || !w.device().is_cpu()) continue;
     at::ScalarType t = w.scalar_type();
     if (t != at::kFloat && t != at::kBFloat16 && t != at::kHalf) continue;
-    auto& group = groups[{w.size(0), w.size(1), static_cast<int>(t)}];
-    int64_t bytes = 0;
-    for (const auto& g : group) bytes += g.nbytes();
-    if (bytes < (int64_t{64} << 20)) group.push_back(w);
+    groups[{w.size(0), w.size(1), static_cast<int>(t)}].push_back(w);
   }
   // Up to 4 rows a product is bound by reading the weights: sweep ~64 MB at one row, past the
   // last-level cache. With more rows it is bound by arithmetic, and smaller sweeps bound the

@@ -1,4 +1,4 @@
-// blip2::linear, a TorchScript operator for the language model's decode-step products.
+// blip2::linear, a TorchScript operator for the model's matrix products on the CPU.
 //
 // A decode step multiplies one row per running sequence (1 to 64) by every weight matrix; a
 // prefill or the image encoder, hundreds to thousands of rows. With few rows that is pure weight

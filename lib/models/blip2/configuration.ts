@@ -169,12 +169,11 @@ interface Kind {
 }
 
 const kind = (expected: string, test: (value: unknown) => boolean): Kind => ({ expected, test });
-const isInt = (v: unknown): v is number => isInteger(v);
-const INT = kind('an integer', isInt);
+const INT = kind('an integer', (v) => isInteger(v));
 const NUMBER = kind('a finite number', (v) => typeof v === 'number' && Number.isFinite(v));
 const BOOL = kind('a boolean', (v) => typeof v === 'boolean');
 const STRING = kind('a string', (v) => typeof v === 'string');
-const INT_OR_INTS = kind('an integer or a list of integers', (v) => isInt(v) || (Array.isArray(v) && v.every(isInt)));
+const INT_OR_INTS = kind('an integer or a list of integers', (v) => isInteger(v) || (Array.isArray(v) && v.every((e) => isInteger(e))));
 const STRINGS = kind('a list of strings', (v) => Array.isArray(v) && v.every((s) => typeof s === 'string'));
 const OBJECT = kind('an object', (v) => isPlainObject(v));
 const EARLY_STOPPING = kind("true, false or 'never'", (v) => typeof v === 'boolean' || v === 'never');
@@ -352,7 +351,7 @@ function finish(draft: Draft, spec: ClassSpec): ConfigJSON {
   const torchDtype = take('torch_dtype', orNull(STRING));
   if (torchDtype !== undefined && torchDtype !== null && fields.dtype === null) fields.dtype = torchDtype;
   // num_labels is not stored: it sizes id2label (whose JSON keys are ints in Python).
-  const numLabels = take('num_labels', kind('an integer >= 0', (v) => isInt(v) && v >= 0)) as number | undefined;
+  const numLabels = take('num_labels', kind('an integer >= 0', (v) => isInteger(v, 0))) as number | undefined;
   if (fields.id2label === null) {
     Object.assign(fields, labels(numLabels ?? 2));
   } else {
