@@ -13,6 +13,7 @@
 #include "core/addon_data.h"
 #include "core/async.h"
 #include "core/cancel_token.h"
+#include "core/cpu_tensor_cache.h"
 #include "core/errors.h"
 #include "core/executor.h"
 #include "core/js_channel.h"
@@ -75,6 +76,14 @@ Napi::Value GetStats(const Napi::CallbackInfo& info) {
   stats.Set("decodeHostReadBytes", static_cast<double>(Stats::decode_host_read_bytes.load()));
   stats.Set("decodeSteps", static_cast<double>(Stats::decode_steps.load()));
   stats.Set("pendingCpuTasks", static_cast<double>(Executor::For(c10::Device(c10::kCPU)).pending()));
+  const CpuTensorCacheStats cache = GetCpuTensorCacheStats();
+  Napi::Object cpu_cache = Napi::Object::New(env);
+  cpu_cache.Set("installed", cache.installed);
+  cpu_cache.Set("mappedBytes", static_cast<double>(cache.mapped_bytes));
+  cpu_cache.Set("idleBytes", static_cast<double>(cache.idle_bytes));
+  cpu_cache.Set("reuses", static_cast<double>(cache.reuses));
+  cpu_cache.Set("maps", static_cast<double>(cache.maps));
+  stats.Set("cpuTensorCache", cpu_cache);
   return stats;
 }
 
@@ -132,6 +141,7 @@ Napi::Value LinearForTesting(const Napi::CallbackInfo& info) {
 }  // namespace
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
+  InstallCpuTensorCache();
   auto* data = new AddonData();
   env.SetInstanceData(data);
   data->channel = JsChannel::Create(env);

@@ -81,6 +81,22 @@ export interface NativeStats {
   decodeHostReadBytes: number;
   decodeSteps: number;
   pendingCpuTasks: number;
+  /**
+   * libtorch's CPU allocator as the addon sets it (native/core/cpu_tensor_cache.h): blocks of 256 KB
+   * and more are mapped by it and kept for reuse when freed; idle ones go back to the kernel after a
+   * second without CPU work and when a model is disposed. `installed` false: BLIP2_CPU_TENSOR_CACHE=off.
+   */
+  cpuTensorCache: {
+    installed: boolean;
+    /** Mapped now: blocks held by tensors plus idle ones. */
+    mappedBytes: number;
+    /** Mapped now and free for reuse. */
+    idleBytes: number;
+    /** Allocations served from an idle block, since the process started. */
+    reuses: number;
+    /** Allocations that mapped a new block, since the process started. */
+    maps: number;
+  };
 }
 
 export interface NativeVersions {

@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "core/addon_data.h"
+#include "core/cpu_tensor_cache.h"
 #include "core/device_transfer.h"
 #include "core/errors.h"
 #include "core/stats.h"
@@ -257,6 +258,7 @@ bool Scheduler::Cycle() {
     FailAll(Disposed());
     cache_.reset();
     runtime_.reset();  // the weights go with the last owner; NativeBlip2Model dropped its own
+    ReleaseIdleCpuTensorBlocks();  // what the model's activations held goes back to the kernel too
     std::lock_guard<std::mutex> lock(mutex_);
     if (dispose_deferred_) {
       Napi::Promise::Deferred d = *dispose_deferred_;

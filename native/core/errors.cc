@@ -1,5 +1,6 @@
 #include "core/errors.h"
 
+#include <algorithm>
 #include <new>
 #include <stdexcept>
 
@@ -45,8 +46,10 @@ static bool IsAllocationFailure(const std::string& message) {
 }
 
 static std::string OutOfMemoryMessage(const std::string& message) {
-  // The first line says what failed; TorchScript's own traceback follows it.
-  size_t start = message.find("DefaultCPUAllocator");
+  // From the allocator's name on (libtorch's, or the addon's CPU tensor cache), up to the end of
+  // that line: inside TorchScript it follows the interpreter's traceback.
+  size_t start = std::string::npos;
+  for (const char* allocator : {"DefaultCPUAllocator", "CPU tensor cache"}) start = std::min(start, message.find(allocator));
   std::string line = message.substr(start == std::string::npos ? 0 : start);
   size_t end = line.find('\n');
   return "out of memory: " + (end == std::string::npos ? line : line.substr(0, end));

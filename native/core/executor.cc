@@ -1,5 +1,6 @@
 #include "core/executor.h"
 
+#include "core/cpu_tensor_cache.h"
 #include "core/device_transfer.h"
 
 #include <chrono>
@@ -89,7 +90,15 @@ void Executor::Loop() {
     std::shared_ptr<Task> task;
     {
       std::unique_lock<std::mutex> lock(mutex_);
-      wake_.wait(lock, [this] { return stopping_ || !queue_.empty(); });
+      auto has_work = [this] { return stopping_ || !queue_.empty(); };
+      // A second without work on the CPU: the idle blocks of the CPU tensor cache go back to the
+      // kernel (under load they are reused from one batch to the next).
+      if (device_.is_cpu() && !wake_.wait_for(lock, std::chrono::seconds(1), has_work)) {
+        lock.unlock();
+        ReleaseIdleCpuTensorBlocks();
+        lock.lock();
+      }
+      wake_.wait(lock, has_work);
       if (stopping_) {
         // Parked for good: the process is exiting. Tasks still queued are leaked with it.
         idle_.notify_all();
