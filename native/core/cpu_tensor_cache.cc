@@ -23,7 +23,7 @@ namespace {
 constexpr size_t kMinCachedBytes = size_t{256} << 10;  // below: malloc's bins serve them well
 constexpr size_t kGranule = size_t{64} << 10;          // block sizes are multiples of this
 constexpr size_t kMaxIdleBlockBytes = size_t{256} << 20;  // larger (weights, a KV cache) unmap when freed
-constexpr int64_t kIdleCapBytes = int64_t{1} << 30;
+constexpr int64_t kIdleCapBytes = int64_t{512} << 20;
 
 class CpuTensorCache final : public c10::Allocator {
  public:
