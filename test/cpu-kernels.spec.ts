@@ -2,7 +2,7 @@ import { strict as assert } from 'node:assert';
 import { spawnSync } from 'node:child_process';
 import * as path from 'node:path';
 
-import { Blip2ForConditionalGeneration, Tensor, versions } from '../lib';
+import { Blip2ForConditionalGeneration, Tensor, getNumThreads, setNumThreads, versions } from '../lib';
 import { binding } from '../lib/native/binding';
 import { ids, rowsOf } from './support/fixtures';
 import { smallModel } from './support/python';
@@ -56,6 +56,28 @@ describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)',
           }
         }
       }
+    }
+  });
+
+  it('gives the same bits on one thread as on two (two threads hand out output chunks as they get free)', async function () {
+    if (versions.linearKernel === 'none') this.skip();
+    const before = await getNumThreads();
+    try {
+      // 809 outputs: 50 blocks of 16 and a 9-row tail. 7 to 64 x rows take the dynamic split on
+      // two threads; 1 to 4, 65 and 300 the even one.
+      for (const [out, inn] of [[809, 768], [3072, 200]]) {
+        const w = Tensor.from(values(out * inn, 11), [out, inn]);
+        for (const rows of [1, 3, 4, 7, 16, 64, 65, 300]) {
+          const x = Tensor.from(values(rows * inn, 5 + rows), [rows, inn]);
+          await setNumThreads(1);
+          const one = await linear(x, w, null, true);
+          await setNumThreads(2);
+          const two = await linear(x, w, null, true);
+          assert.deepEqual(Buffer.from(two.buffer), Buffer.from(one.buffer), `[${rows}x${inn}]·[${out}x${inn}]ᵀ`);
+        }
+      }
+    } finally {
+      await setNumThreads(before);
     }
   });
 
