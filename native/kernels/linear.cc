@@ -83,7 +83,8 @@ __attribute__((target("avx512f"))) inline __m512 Sum16(const __m512* v) {
 
 // y[m * n + o] (+)= sum_{k < kc} x[m * ld + k] * w[o * ld + k] for M rows of x and o in
 // [o_begin, o_end). x and w point at the first k of this block of columns; `ld` is the row stride
-// of both; `accumulate` adds to y (the later column blocks of a long row).
+// of both; `accumulate` adds to y (the later column blocks of a long row); `bias` (float32, indexed
+// by o; non-null only for a row's last column block) is added after the sum. Rows256 the same.
 template <typename W, int M>
 __attribute__((target("avx512f,avx512bw,fma"))) void Rows512(const W* w, const float* x, int64_t ld, int64_t kc, int64_t o_begin,
                                                                int64_t o_end, float* y, int64_t n, bool accumulate, const float* bias) {
