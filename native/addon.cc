@@ -49,6 +49,7 @@ Napi::Value Versions(const Napi::CallbackInfo& info) {
   Napi::Object versions = Napi::Object::New(env);
   versions.Set("libtorch", TORCH_VERSION);
   versions.Set("linearKernel", LinearKernelIsa());
+  versions.Set("onednnLinear", OneDnnLinearAvailable());
   const auto& cuda = at::detail::getCUDAHooks();
   if (cuda.hasCUDART()) {
     long v = cuda.versionCUDART();  // e.g. 12040 → "12.4"
@@ -118,7 +119,7 @@ Napi::Value ShutdownForExit(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// Tests only: one product through blip2::linear's kernel or at::linear, to compare the two.
+// Tests only: one product through one path ("kernel", "onednn" or "plain": at::linear), to compare them.
 Napi::Value LinearForTesting(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return GuardJs(env, [&]() -> Napi::Value {
@@ -126,13 +127,16 @@ Napi::Value LinearForTesting(const Napi::CallbackInfo& info) {
     auto w = NativeTensor::FromValue(info[1], "weight")->box();
     std::shared_ptr<TensorBox> b;
     if (!info[2].IsNull() && !info[2].IsUndefined()) b = NativeTensor::FromValue(info[2], "bias")->box();
-    bool kernel = info[3].ToBoolean().Value();
+    std::string path = info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "";
+    if (path != "kernel" && path != "onednn" && path != "plain") throw InvalidArgument("path", path, "'kernel', 'onednn' or 'plain'");
     return RunAsync<at::Tensor>(
         env, c10::Device(c10::kCPU),
-        [x, w, b, kernel]() {
+        [x, w, b, path]() {
           c10::optional<at::Tensor> bias;
           if (b) bias = b->Get();
-          return kernel ? Blip2LinearKernel(x->Get(), w->Get(), bias) : at::linear(x->Get(), w->Get(), bias);
+          if (path == "kernel") return Blip2LinearKernel(x->Get(), w->Get(), bias);
+          if (path == "onednn") return OneDnnLinear(x->Get(), w->Get(), bias);
+          return at::linear(x->Get(), w->Get(), bias);
         },
         [](Napi::Env env, at::Tensor& out) -> Napi::Value { return NativeTensor::NewInstance(env, out); });
   });

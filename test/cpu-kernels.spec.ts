@@ -14,8 +14,8 @@ function values(n: number, seed: number): Float32Array {
   return Float32Array.from({ length: n }, () => ((state = (Math.imul(state, 1664525) + 1013904223) >>> 0) / 2147483648) - 1);
 }
 
-async function linear(x: Tensor, w: Tensor, b: Tensor | null, kernel: boolean): Promise<Float32Array> {
-  const out = Tensor.fromNative(await binding.linearForTesting(Tensor.native(x, 'x'), Tensor.native(w, 'w'), b ? Tensor.native(b, 'b') : null, kernel));
+async function linear(x: Tensor, w: Tensor, b: Tensor | null, path: 'kernel' | 'onednn' | 'plain'): Promise<Float32Array> {
+  const out = Tensor.fromNative(await binding.linearForTesting(Tensor.native(x, 'x'), Tensor.native(w, 'w'), b ? Tensor.native(b, 'b') : null, path));
   const f32 = out.dtype === 'float32' ? out : await out.to({ dtype: 'float32' });
   return (await f32.toArray()) as Float32Array;
 }
@@ -32,8 +32,8 @@ describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)',
           // The exact product of the values as rounded to `dtype`, in float64.
           const [xr, wr, br] = await Promise.all([x, w, b].map(async (t) => (await (await t.to({ dtype: 'float32' })).toArray()) as Float32Array));
           for (const bias of [b, null]) {
-            const ours = await linear(x, w, bias, true);
-            const ref = await linear(x, w, bias, false);
+            const ours = await linear(x, w, bias, 'kernel');
+            const ref = await linear(x, w, bias, 'plain');
             // Ours accumulates in float32 and rounds once to `dtype`: within one unit in the last
             // place of the exact value (plus float32 accumulation error). libtorch may accumulate
             // otherwise (oneDNN's bfloat16 GEMM is off by 2 ulp here), so against it allow 3.
@@ -59,6 +59,35 @@ describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)',
     }
   });
 
+  it('oneDNN\'s product, the third path timed at load, is within the same tolerance of the exact product (float32, bfloat16; 1 to 300 rows)', async function () {
+    if (!versions.onednnLinear) this.skip();
+    for (const dtype of ['float32', 'bfloat16'] as const) {
+      for (const [out, inn] of [[64, 48], [37, 129], [1000, 768]]) {
+        for (const rows of [1, 3, 16, 33, 300]) {
+          const x = await Tensor.from(values(rows * inn, 1 + rows), [rows, inn]).to({ dtype });
+          const w = await Tensor.from(values(out * inn, 7 + out), [out, inn]).to({ dtype });
+          const b = await Tensor.from(values(out, 3), [out]).to({ dtype });
+          const [xr, wr, br] = await Promise.all([x, w, b].map(async (t) => (await (await t.to({ dtype: 'float32' })).toArray()) as Float32Array));
+          for (const bias of [b, null]) {
+            const got = await linear(x, w, bias, 'onednn');
+            // float32: accumulation error only; bfloat16: one rounding to bfloat16 on top.
+            const ulp = dtype === 'float32' ? 0 : 2 ** -7;
+            const acc = 2e-5 * Math.sqrt(inn);
+            let worst = 0;
+            for (let r = 0; r < rows; r++) {
+              for (let o = 0; o < out; o++) {
+                let e = bias ? br[o] : 0;
+                for (let k = 0; k < inn; k++) e += xr[r * inn + k] * wr[o * inn + k];
+                worst = Math.max(worst, Math.abs(got[r * out + o] - e) / (acc + ulp * Math.abs(e)));
+              }
+            }
+            assert.ok(worst <= 1, `${dtype} [${rows}x${inn}]·[${out}x${inn}]ᵀ bias=${bias !== null}: off the exact product by ${worst.toFixed(2)}x the tolerance`);
+          }
+        }
+      }
+    }
+  });
+
   it('gives the same bits on one thread as on two (two threads hand out output chunks as they get free)', async function () {
     if (versions.linearKernel === 'none') this.skip();
     const before = await getNumThreads();
@@ -70,9 +99,9 @@ describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)',
         for (const rows of [1, 3, 4, 7, 16, 64, 65, 300]) {
           const x = Tensor.from(values(rows * inn, 5 + rows), [rows, inn]);
           await setNumThreads(1);
-          const one = await linear(x, w, null, true);
+          const one = await linear(x, w, null, 'kernel');
           await setNumThreads(2);
-          const two = await linear(x, w, null, true);
+          const two = await linear(x, w, null, 'kernel');
           assert.deepEqual(Buffer.from(two.buffer), Buffer.from(one.buffer), `[${rows}x${inn}]·[${out}x${inn}]ᵀ`);
         }
       }
@@ -101,27 +130,41 @@ describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)',
       // Every matrix shape of both modules, at 1, 4, 16, 64 and 256 rows, was timed both ways.
       assert.ok(decisions.length >= 20, JSON.stringify(decisions));
       assert.deepEqual([...new Set(decisions.map((d) => d.rows))].sort((a, b) => a - b), [1, 4, 16, 64, 256]);
-      for (const d of decisions) assert.ok(d.plainMs > 0 && d.kernelMs > 0 && d.useKernel === d.kernelMs < d.plainMs, JSON.stringify(d));
+      // Each path that runs here was timed; the one taken is the fastest of them.
+      for (const d of decisions) {
+        const timedPaths = ([['plain', d.plainMs], ['kernel', d.kernelMs], ['onednn', d.onednnMs]] as const).filter(([, ms]) => ms > 0);
+        assert.ok(d.plainMs > 0 && d.kernelMs > 0 && (d.onednnMs > 0 || !versions.onednnLinear), JSON.stringify(d));
+        const fastest = timedPaths.reduce((a, b) => (b[1] < a[1] ? b : a));
+        assert.equal(d.path, fastest[0], JSON.stringify(d));
+      }
     }
-    process.env.BLIP2_LINEAR_KERNEL = 'on';
-    const forced = await Blip2ForConditionalGeneration.fromPretrained(modelDir);
-    process.env.BLIP2_LINEAR_KERNEL = 'off';
-    const plain = await Blip2ForConditionalGeneration.fromPretrained(modelDir);
-    delete process.env.BLIP2_LINEAR_KERNEL;
+    const load = async (mode: string) => {
+      process.env.BLIP2_LINEAR_KERNEL = mode;
+      try {
+        return await Blip2ForConditionalGeneration.fromPretrained(modelDir);
+      } finally {
+        delete process.env.BLIP2_LINEAR_KERNEL;
+      }
+    };
+    const forced = await load('on');
+    const onednn = await load('onednn');
+    const plain = await load('off');
     assert.deepEqual(plain.linearKernels, []);
-    if (versions.linearKernel !== 'none') assert.ok(forced.linearKernels.every((d) => d.useKernel));
+    if (versions.linearKernel !== 'none') assert.ok(forced.linearKernels.every((d) => d.path === 'kernel'));
+    // float32 weights: oneDNN runs every product when forced.
+    if (versions.onednnLinear) assert.ok(onednn.linearKernels.length > 0 && onednn.linearKernels.every((d) => d.path === 'onednn'));
 
     const pixels = Tensor.from(new Float32Array(3 * 56 * 56).map((_, i) => Math.sin(i * 0.37)), [1, 3, 56, 56]);
     const prompt = [...Array(8).fill(timed.manifest.image_token_index), 2, 40, 41, 42];
     const generate = async (model: Blip2ForConditionalGeneration) =>
       (await rowsOf(await model.generate({ pixelValues: pixels, inputIds: ids([prompt]) }, { maxNewTokens: 16, eosTokenId: [] })))[0];
     const reference = await referenceGreedy(plain, pixels, prompt, 16);
-    for (const model of [timed, forced, plain]) assert.deepEqual((await generate(model)).slice(prompt.length), reference);
+    for (const model of [timed, forced, onednn, plain]) assert.deepEqual((await generate(model)).slice(prompt.length), reference);
     // Batched steps (2 rows) go through the 4-row kernel when forced.
     const two = Tensor.from(new Float32Array(2 * 3 * 56 * 56).map((_, i) => Math.sin((i % (3 * 56 * 56)) * 0.37)), [2, 3, 56, 56]);
     const rows = await rowsOf(await forced.generate({ pixelValues: two, inputIds: ids([prompt, prompt]) }, { maxNewTokens: 16, eosTokenId: [] }));
     assert.deepEqual(rows[0].slice(prompt.length), reference);
     assert.deepEqual(rows[1].slice(prompt.length), reference);
-    for (const model of [timed, forced, plain]) model.dispose();
+    for (const model of [timed, forced, onednn, plain]) model.dispose();
   });
 });

@@ -9,7 +9,7 @@ import { binding } from '../lib/native/binding';
 async function product(rows: number, n: number, seed: number): Promise<Float32Array> {
   const x = Tensor.from(Float32Array.from({ length: rows * 64 }, (_, i) => Math.sin(i * 0.01 + seed)), [rows, 64]);
   const w = Tensor.from(Float32Array.from({ length: n * 64 }, (_, i) => Math.cos(i * 0.003)), [n, 64]);
-  const out = Tensor.fromNative(await binding.linearForTesting(Tensor.native(x, 'x'), Tensor.native(w, 'w'), null, false));
+  const out = Tensor.fromNative(await binding.linearForTesting(Tensor.native(x, 'x'), Tensor.native(w, 'w'), null, 'plain'));
   const values = (await out.toArray()) as Float32Array;
   x.dispose();
   w.dispose();
@@ -58,7 +58,7 @@ describe('the CPU tensor cache (libtorch CPU allocator, native/core/cpu_tensor_c
       (async () => {
         const x = Tensor.from(Float32Array.from({ length: 700 * 64 }, (_, i) => Math.sin(i * 0.01 + 3)), [700, 64]);
         const w = Tensor.from(Float32Array.from({ length: 300 * 64 }, (_, i) => Math.cos(i * 0.003)), [300, 64]);
-        const out = Tensor.fromNative(await binding.linearForTesting(Tensor.native(x, 'x'), Tensor.native(w, 'w'), null, false));
+        const out = Tensor.fromNative(await binding.linearForTesting(Tensor.native(x, 'x'), Tensor.native(w, 'w'), null, 'plain'));
         const values = Array.from(await out.toArray());
         console.log(JSON.stringify({ cache: stats().cpuTensorCache, values }));
       })();`;

@@ -103,6 +103,8 @@ export interface NativeVersions {
   libtorch: string;
   /** The instruction set of blip2::linear's CPU kernels here: 'avx512', 'avx2' or 'none'. */
   linearKernel: 'avx512' | 'avx2' | 'none';
+  /** Whether this libtorch has oneDNN's matmul (mkldnn::_linear_pointwise), the third path timed at load. */
+  onednnLinear: boolean;
   cuda: string | null;
   builtWithCuda: boolean;
 }
@@ -225,10 +227,12 @@ export interface NativeLinearDecision {
   dtype: NativeDType;
   /** The row bucket timed: products of up to 1, 4, 16, 64 rows, or (256) any more. */
   rows: number;
-  /** Milliseconds per product: at::linear, and blip2::linear's kernel (0 when not timed). */
+  /** Milliseconds per product: at::linear, blip2::linear's kernel, oneDNN's matmul (0 when not timed or it cannot run here). */
   plainMs: number;
   kernelMs: number;
-  useKernel: boolean;
+  onednnMs: number;
+  /** The path the model's products of this shape and rows take: the fastest timed, or the one forced by BLIP2_LINEAR_KERNEL. */
+  path: 'plain' | 'kernel' | 'onednn';
 }
 
 export interface NativeBlip2Model {
@@ -322,7 +326,7 @@ export interface NativeBinding {
   /** Process exit (main thread): stops every executor after its current step, before static destructors run. */
   shutdownForExit(): void;
   /** Tests only: x·weightᵀ + bias through blip2::linear's CPU kernel (`kernel` true) or at::linear. */
-  linearForTesting(x: NativeTensor, weight: NativeTensor, bias: NativeTensor | null, kernel: boolean): Promise<NativeTensor>;
+  linearForTesting(x: NativeTensor, weight: NativeTensor, bias: NativeTensor | null, path: 'kernel' | 'onednn' | 'plain'): Promise<NativeTensor>;
   getNumThreads(): Promise<number>;
   /**
    * BlipImageProcessor's pixel pipeline: convert("RGB") (alpha dropped) and PIL-exact resize on a CPU pool,

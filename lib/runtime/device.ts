@@ -26,6 +26,8 @@ export interface Versions {
   cuda: string | null;
   /** The instruction set of the runtime's CPU product kernel ('avx512', 'avx2'; 'none': libtorch's only). */
   linearKernel: 'avx512' | 'avx2' | 'none';
+  /** Whether libtorch has oneDNN's matmul, the other product path timed at load (see `linearKernels`). */
+  onednnLinear: boolean;
   /** Whether the addon was compiled against a CUDA libtorch (it may still find no GPU). */
   builtWithCuda: boolean;
 }
@@ -34,7 +36,7 @@ export interface Versions {
 export const versions: Versions = (() => {
   const native = binding.versions();
   const pkg = JSON.parse(fs.readFileSync(path.join(packageRoot(), 'package.json'), 'utf8')) as { version: string };
-  return Object.freeze({ package: pkg.version, libtorch: native.libtorch, cuda: native.cuda, linearKernel: native.linearKernel, builtWithCuda: native.builtWithCuda });
+  return Object.freeze({ package: pkg.version, libtorch: native.libtorch, cuda: native.cuda, linearKernel: native.linearKernel, onednnLinear: native.onednnLinear, builtWithCuda: native.builtWithCuda });
 })();
 
 /**

@@ -323,7 +323,8 @@ Napi::Value NativeBlip2Model::GetLinearKernels(const Napi::CallbackInfo& info) {
     o.Set("rows", static_cast<double>(d.rows));
     o.Set("plainMs", d.plain_ms);
     o.Set("kernelMs", d.kernel_ms);
-    o.Set("useKernel", d.use_kernel);
+    o.Set("onednnMs", d.onednn_ms);
+    o.Set("path", LinearPathName(d.path));
     out.Set(i++, o);
   }
   return out;

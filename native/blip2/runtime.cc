@@ -72,7 +72,8 @@ std::shared_ptr<Blip2Runtime> Blip2Runtime::Load(const ModelSpec& spec, std::fun
 }
 
 void Blip2Runtime::ChooseLinearKernels() {
-  // BLIP2_LINEAR_KERNEL: auto (default: timed here, on this machine), on (tests), off.
+  // BLIP2_LINEAR_KERNEL: auto (default: timed here, on this machine), on or onednn (tests: that
+  // path wherever it runs), off (at::linear only, the plain path).
   const char* env = std::getenv("BLIP2_LINEAR_KERNEL");
   std::string mode = env ? env : "auto";
   if (!spec_.device.is_cpu() || mode == "off") return;
@@ -82,8 +83,12 @@ void Blip2Runtime::ChooseLinearKernels() {
       if (p.dim() == 2) matrices.push_back(p);
     }
   }
-  linear_decisions_ = DecideLinearKernels(matrices, mode == "on" ? LinearKernelMode::kAlways : LinearKernelMode::kAuto);
-  bool any = std::any_of(linear_decisions_.begin(), linear_decisions_.end(), [](const LinearDecision& d) { return d.use_kernel; });
+  const LinearKernelMode kernel_mode = mode == "on"       ? LinearKernelMode::kAlways
+                                       : mode == "onednn" ? LinearKernelMode::kOneDnn
+                                                          : LinearKernelMode::kAuto;
+  linear_decisions_ = DecideLinearKernels(matrices, kernel_mode);
+  bool any = std::any_of(linear_decisions_.begin(), linear_decisions_.end(),
+                         [](const LinearDecision& d) { return d.path != LinearPath::kPlain; });
   if (!any) return;
   // Every method: the decode step, the prefill (OPT's forward_cached, T5's encode and cross-cache
   // fill), full forwards and the image encoder all multiply by these weights.

@@ -243,8 +243,8 @@ void RunRows(const W* w, const float* x, int64_t rows, int64_t k_len, int64_t o_
 using PolicyKey = std::tuple<int64_t, int64_t, int, int64_t>;  // out, in, dtype, rows bucket
 
 std::mutex policy_mutex;
-std::map<PolicyKey, bool>& Policy() {
-  static auto* policy = new std::map<PolicyKey, bool>();  // leaked: used until process exit
+std::map<PolicyKey, LinearPath>& Policy() {
+  static auto* policy = new std::map<PolicyKey, LinearPath>();  // leaked: used until process exit
   return *policy;
 }
 
@@ -255,22 +255,58 @@ int64_t RowsBucket(int64_t rows) {
 }
 
 bool Eligible(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  if (kIsa == Isa::kNone || !x.device().is_cpu() || !weight.device().is_cpu() || weight.dim() != 2) return false;
+  if (!x.device().is_cpu() || !weight.device().is_cpu() || weight.dim() != 2) return false;
   at::ScalarType t = weight.scalar_type();
   if (t != at::kFloat && t != at::kBFloat16 && t != at::kHalf) return false;
   if (x.scalar_type() != t || !weight.is_contiguous() || x.size(-1) != weight.size(1) || x.numel() == 0) return false;
   return !(bias && bias->defined() && (bias->scalar_type() != t || bias->dim() != 1 || bias->size(0) != weight.size(0)));
 }
 
-bool Decided(const at::Tensor& x, const at::Tensor& weight) {
+LinearPath Decided(const at::Tensor& x, const at::Tensor& weight) {
   int64_t rows = x.numel() / x.size(-1);
   PolicyKey key{weight.size(0), weight.size(1), static_cast<int>(weight.scalar_type()), RowsBucket(rows)};
   std::lock_guard<std::mutex> lock(policy_mutex);
   auto it = Policy().find(key);
-  return it != Policy().end() && it->second;
+  return it == Policy().end() ? LinearPath::kPlain : it->second;
+}
+
+// oneDNN's matmul as libtorch registers it for its own CPU compiler (mkldnn::_linear_pointwise),
+// given the unpacked weight, so there is no second copy of it. Found by name: a libtorch built
+// without oneDNN simply lacks it. Called boxed: the op's C++ signature is not public API.
+const c10::OperatorHandle* OneDnnLinearOp() {
+  static const c10::OperatorHandle* op = []() -> const c10::OperatorHandle* {
+    auto handle = c10::Dispatcher::singleton().findSchema({"mkldnn::_linear_pointwise", ""});
+    return handle ? new c10::OperatorHandle(*handle) : nullptr;  // leaked: used until process exit
+  }();
+  return op;
 }
 
 }  // namespace
+
+const char* LinearPathName(LinearPath path) {
+  switch (path) {
+    case LinearPath::kKernel: return "kernel";
+    case LinearPath::kOneDnn: return "onednn";
+    case LinearPath::kPlain: return "plain";
+  }
+  return "plain";
+}
+
+bool OneDnnLinearAvailable() { return OneDnnLinearOp() != nullptr; }
+
+at::Tensor OneDnnLinear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  TORCH_CHECK(OneDnnLinearOp(), "blip2::linear: this libtorch has no mkldnn::_linear_pointwise");
+  torch::jit::Stack stack;
+  stack.reserve(6);
+  stack.emplace_back(x);
+  stack.emplace_back(weight);
+  stack.emplace_back(bias && bias->defined() ? c10::IValue(*bias) : c10::IValue());
+  stack.emplace_back(std::string("none"));  // no fused activation
+  stack.emplace_back(c10::List<c10::optional<at::Scalar>>());
+  stack.emplace_back(std::string(""));
+  OneDnnLinearOp()->callBoxed(&stack);
+  return stack.back().toTensor();
+}
 
 const char* LinearKernelIsa() {
   switch (kIsa) {
@@ -332,13 +368,19 @@ at::Tensor Blip2LinearKernel(const at::Tensor& x_in, const at::Tensor& weight, c
 }
 
 at::Tensor Blip2Linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  if (Eligible(x, weight, bias) && Decided(x, weight)) return Blip2LinearKernel(x, weight, bias);
+  if (Eligible(x, weight, bias)) {
+    switch (Decided(x, weight)) {
+      case LinearPath::kKernel: return Blip2LinearKernel(x, weight, bias);
+      case LinearPath::kOneDnn: return OneDnnLinear(x, weight, bias);
+      case LinearPath::kPlain: break;
+    }
+  }
   return at::linear(x, weight, bias);
 }
 
 std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& weights, LinearKernelMode mode) {
   std::vector<LinearDecision> decisions;
-  if (kIsa == Isa::kNone) return decisions;
+  if (kIsa == Isa::kNone && !OneDnnLinearAvailable()) return decisions;
   // Group the model's weights by shape and dtype; time a sweep over several of them (as a decode
   // step reads them, mostly from memory rather than cache).
   std::map<std::tuple<int64_t, int64_t, int>, std::vector<at::Tensor>> groups;
@@ -375,45 +417,75 @@ std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& w
     return sweep;
   };
   using Clock = std::chrono::steady_clock;
+  constexpr int kPaths = 3;  // indexed by LinearPath
   for (auto& [key, all] : groups) {
     for (int64_t rows : kRowBuckets) {
       const Sweep timed = sweep_of(all, rows);
       const std::vector<at::Tensor>& group = timed.weights;
       const at::Tensor& first = group.front();
       at::Tensor x = at::randn({rows, first.size(1)}).to(first.scalar_type());
-      auto sweep = [&](bool kernel) {
+      auto sweep = [&](LinearPath path) {
         auto start = Clock::now();
         for (const at::Tensor& w : group) {
-          at::Tensor y = kernel ? Blip2LinearKernel(x, w, c10::nullopt) : at::linear(x, w);
+          at::Tensor y = path == LinearPath::kKernel ? Blip2LinearKernel(x, w, c10::nullopt)
+                         : path == LinearPath::kOneDnn ? OneDnnLinear(x, w, c10::nullopt)
+                                                       : at::linear(x, w);
           (void)y;
         }
         return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
       };
-      double plain = 0, kernel = 0;
-      if (mode == LinearKernelMode::kAuto) {
-        sweep(true);  // first touch of every weight page, and the kernel's warm-up
-        (void)at::linear(x, first);  // libtorch's (MKL's, oneDNN's) first-call set-up
-        plain = sweep(false);
-        kernel = sweep(true);
+      // Which paths run here: the kernel needs AVX2; oneDNN may lack the ISA a dtype needs (it
+      // throws then, e.g. float16 without AVX512-FP16 on some builds), found on its first call.
+      bool runs[kPaths] = {true, kIsa != Isa::kNone, OneDnnLinearAvailable()};
+      if (mode == LinearKernelMode::kAuto || mode == LinearKernelMode::kOneDnn) {
+        if (runs[2]) {
+          try {
+            (void)OneDnnLinear(x, first, c10::nullopt);  // oneDNN's first-call set-up (its primitive)
+          } catch (const std::exception&) {
+            runs[2] = false;
+          }
+        }
       }
-      // A path 2x slower than the other needs no more runs (bfloat16 one-row at::linear can take
-      // seconds per sweep on real sizes); otherwise the best of three, alternating.
-      if (mode == LinearKernelMode::kAuto && plain < 2 * kernel && kernel < 2 * plain) {
+      double ms[kPaths] = {0, 0, 0};
+      if (mode == LinearKernelMode::kAuto) {
+        if (runs[1]) sweep(LinearPath::kKernel);  // first touch of every weight page, and the kernel's warm-up
+        (void)at::linear(x, first);  // libtorch's (MKL's, oneDNN's) first-call set-up
+        for (int p = 0; p < kPaths; ++p)
+          if (runs[p]) ms[p] = sweep(static_cast<LinearPath>(p));
+        // The best of three, alternating, for every path whose sweep was cheap (under 20 ms: one
+        // preempted sweep must not decide) or within 2x of the best; a path slower than that
+        // needs no more runs (bfloat16 one-row at::linear can take seconds per sweep on real sizes).
         for (int i = 0; i < 2; ++i) {
-          plain = std::min(plain, sweep(false));
-          kernel = std::min(kernel, sweep(true));
+          double best = 0;
+          for (int p = 0; p < kPaths; ++p)
+            if (runs[p] && (best == 0 || ms[p] < best)) best = ms[p];
+          bool again[kPaths];
+          int count = 0;
+          for (int p = 0; p < kPaths; ++p) count += again[p] = runs[p] && (ms[p] < 2 * best || ms[p] < 20.0);
+          if (count < 2) break;
+          for (int p = 0; p < kPaths; ++p)
+            if (again[p]) ms[p] = std::min(ms[p], sweep(static_cast<LinearPath>(p)));
         }
       }
       LinearDecision d;
       std::tie(d.out_features, d.in_features, std::ignore) = key;
       d.dtype = first.scalar_type();
       d.rows = rows;
-      d.plain_ms = plain * timed.scale / static_cast<double>(group.size());
-      d.kernel_ms = kernel * timed.scale / static_cast<double>(group.size());
-      d.use_kernel = mode == LinearKernelMode::kAlways || kernel < plain;
+      auto per_product = [&](int p) { return runs[p] ? ms[p] * timed.scale / static_cast<double>(group.size()) : 0.0; };
+      d.plain_ms = per_product(0);
+      d.kernel_ms = per_product(1);
+      d.onednn_ms = per_product(2);
+      if (mode == LinearKernelMode::kAlways) {
+        d.path = runs[1] ? LinearPath::kKernel : LinearPath::kPlain;
+      } else if (mode == LinearKernelMode::kOneDnn) {
+        d.path = runs[2] ? LinearPath::kOneDnn : LinearPath::kPlain;
+      } else {
+        for (int p = 1; p < kPaths; ++p)
+          if (runs[p] && ms[p] < ms[static_cast<int>(d.path)]) d.path = static_cast<LinearPath>(p);
+      }
       {
         std::lock_guard<std::mutex> lock(policy_mutex);
-        Policy()[{d.out_features, d.in_features, static_cast<int>(d.dtype), rows}] = d.use_kernel;
+        Policy()[{d.out_features, d.in_features, static_cast<int>(d.dtype), rows}] = d.path;
       }
       decisions.push_back(d);
     }

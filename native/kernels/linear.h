@@ -14,6 +14,12 @@
 // Whether the kernel is used is decided per weight shape, dtype and row count by timing both
 // paths on the model's own weights at load (Decide); until decided, and wherever libtorch was as
 // fast, at::linear runs. So the kernel can only make a model faster on the machine it runs on.
+//
+// A third path is timed with them: oneDNN's matmul (mkldnn::_linear_pointwise, which libtorch
+// ships for its own compiler) on the unpacked weight. With many float32 rows it runs AVX-512 code
+// where MKL does not: measured on 2 Zen 5 cores, 345-420 GFLOP/s on the image encoder's and
+// prefill's shapes against MKL's 150-185 and the kernel's ~220-300. For bfloat16 at::linear
+// already goes to oneDNN.
 #pragma once
 
 #include <cstdint>
@@ -31,23 +37,31 @@ constexpr int64_t kRowBuckets[] = {1, 4, 16, 64, 256};
 // Which instruction set the kernel runs with here: "avx512", "avx2" or "none" (never used).
 const char* LinearKernelIsa();
 
+// Which code computes a product (the values index arrays in linear.cc).
+enum class LinearPath : int { kPlain = 0, kKernel = 1, kOneDnn = 2 };
+// "plain" (at::linear), "kernel" (blip2::linear's own), "onednn".
+const char* LinearPathName(LinearPath path);
+
 struct LinearDecision {
   int64_t out_features = 0;
   int64_t in_features = 0;
   at::ScalarType dtype = at::kFloat;
   int64_t rows = 1;
+  // Milliseconds per product; 0 where the path was not timed (forced modes) or cannot run here.
   double plain_ms = 0;   // at::linear
   double kernel_ms = 0;  // blip2::linear's kernel
-  bool use_kernel = false;
+  double onednn_ms = 0;  // mkldnn::_linear_pointwise
+  LinearPath path = LinearPath::kPlain;
 };
 
 enum class LinearKernelMode {
-  kAuto,    // time both paths, keep the faster (the default)
-  kAlways,  // use the kernel wherever it applies, no timing (tests: BLIP2_LINEAR_KERNEL=on)
+  kAuto,    // time the paths, keep the fastest (the default)
+  kAlways,  // the kernel wherever it applies, no timing (tests: BLIP2_LINEAR_KERNEL=on)
+  kOneDnn,  // oneDNN wherever it runs, no timing (tests: BLIP2_LINEAR_KERNEL=onednn)
 };
 
-// Times both paths for each distinct weight (by shape and dtype) at each of kRowBuckets and
-// records the faster one. `weights` are [out, in] matrices of the model (their own memory, so the
+// Times the paths for each distinct weight (by shape and dtype) at each of kRowBuckets and
+// records the fastest. `weights` are [out, in] matrices of the model (their own memory, so the
 // timing sees the real cache behaviour). Returns what was decided.
 std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& weights, LinearKernelMode mode);
 
@@ -56,6 +70,9 @@ int UseBlip2Linear(torch::jit::Module& module, const std::string& method);
 
 // The operator itself (also callable directly, e.g. from tests).
 at::Tensor Blip2Linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+// oneDNN's product (x: any [..., in] CPU tensor of the weight's dtype), and whether this libtorch has it.
+at::Tensor OneDnnLinear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+bool OneDnnLinearAvailable();
 // The kernel alone, no policy (x: [rows, in] contiguous, weight [out, in] contiguous).
 at::Tensor Blip2LinearKernel(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 

@@ -160,8 +160,9 @@ export class Blip2ForConditionalGeneration {
 
   /**
    * What the load-time timing chose for each weight shape of the model on this CPU and each row
-   * bucket (1, 4, 16, 64, more): the runtime's product kernel, or libtorch's (empty on other
-   * devices or with BLIP2_LINEAR_KERNEL=off).
+   * bucket (1, 4, 16, 64, more): at::linear ('plain'), the runtime's product kernel ('kernel') or
+   * oneDNN's matmul ('onednn'), with each path's time (empty on other devices or with
+   * BLIP2_LINEAR_KERNEL=off).
    */
   get linearKernels(): NativeLinearDecision[] {
     return this.#native.linearKernels;
