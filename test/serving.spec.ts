@@ -82,6 +82,25 @@ describe('serving: continuous batching on one scheduler per model', function () 
     assert.equal(after.queued, 0);
   });
 
+  it('a long prompt beside short ones: each width group gets its own prefill forward (padding bounded), results as alone', async () => {
+    const list: Job[] = [
+      { image: 'noise', text: Array.from({ length: 56 }, (_, i) => 4 + ((i * 37) % 370)), options: { maxNewTokens: 4 } },
+      ...[0, 1, 2, 1, 0].map((n, k) => ({ image: IMAGES[k % 3], text: Array.from({ length: n }, (_, i) => 10 + i + k), options: { maxNewTokens: 4 } })),
+    ];
+    const alone: number[][][] = [];
+    for (const job of list) alone.push(await runJob(model, job));
+    const before = model.stats();
+    const together = await Promise.all(list.map((job) => runJob(model, job)));
+    const after = model.stats();
+    for (let i = 0; i < list.length; i++) assert.deepEqual(together[i], alone[i], `job ${i}`);
+    assert.equal(after.imageEncodes - before.imageEncodes, 1, 'the six calls were admitted together');
+    // One forward for all would pad each short prompt by >= 54 positions (5 x 54 = 270); the
+    // groups pad by at most 8 each.
+    const padding = after.prefillPaddingTokens - before.prefillPaddingTokens;
+    assert.ok(padding <= 8 * list.length, `padding ${padding} positions`);
+    assert.ok(after.prefillTokens - before.prefillTokens === list.reduce((n, j) => n + prompt(j.text).length, 0));
+  });
+
   it('calls arriving together at an idle model share one image encode (batchWaitMs); with batchWaitMs 0 the results are the same', async () => {
     const waiting = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 8, batchWaitMs: 200 });
     const eager = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 8, batchWaitMs: 0 });

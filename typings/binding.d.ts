@@ -294,6 +294,8 @@ export interface NativeModelStats {
   decodeSteps: number;
   generatedTokens: number;
   prefillTokens: number;
+  /** Prompt positions computed as padding: a prefill forward pads its rows to its widest (OPT; rows of very different lengths go in separate forwards). */
+  prefillPaddingTokens: number;
   /** Decoded tokens per second over recent steps (moving average). */
   tokensPerSecond: number;
   lastStepMs: number;

@@ -303,6 +303,7 @@ Napi::Value NativeBlip2Model::GetStats(const Napi::CallbackInfo& info) {
   o.Set("decodeSteps", static_cast<double>(s.decode_steps));
   o.Set("generatedTokens", static_cast<double>(s.generated_tokens));
   o.Set("prefillTokens", static_cast<double>(s.prefill_tokens));
+  o.Set("prefillPaddingTokens", static_cast<double>(s.prefill_padding_tokens));
   o.Set("tokensPerSecond", s.tokens_per_second);
   o.Set("lastStepMs", s.last_step_ms);
   o.Set("largestStepRows", static_cast<double>(s.largest_step_rows));

@@ -241,6 +241,7 @@ void Scheduler::PublishStats() {
   stats_.decode_steps = decode_steps_;
   stats_.generated_tokens = generated_tokens_;
   stats_.prefill_tokens = prefill_tokens_;
+  stats_.prefill_padding_tokens = prefill_padding_tokens_;
   stats_.tokens_per_second = tokens_per_second_;
   stats_.last_step_ms = last_step_ms_;
   stats_.largest_step_rows = largest_step_rows_;
@@ -533,46 +534,68 @@ void Scheduler::Prefill() {
     if (budget <= 0) break;
   }
   if (rows.empty()) return;
-  int64_t width = 0;
-  for (const Row& row : rows) width = std::max(width, row.count);
-  // Padding of a short row is written past its length (and overwritten later): it must stay in
-  // its slot, so rows whose start leaves no room for the widest chunk wait for the next cycle.
-  rows.erase(std::remove_if(rows.begin(), rows.end(), [&](const Row& row) { return row.start + width > cache_->length(); }),
-             rows.end());
-  if (rows.empty()) return;
-  const ModelSpec& spec = runtime_->spec();
-  at::Tensor embeds = at::zeros({static_cast<int64_t>(rows.size()), width, spec.embed_dim},
-                                rows.front().request->prompt_embeds.front().options());
-  std::vector<int64_t> slots, starts, last;
-  for (size_t i = 0; i < rows.size(); ++i) {
-    const Row& row = rows[i];
-    Request& r = *row.request;
-    embeds[static_cast<int64_t>(i)].narrow(0, 0, row.count).copy_(r.prompt_embeds[row.prompt].narrow(0, row.start, row.count));
-    slots.push_back(r.slot_of[row.prompt * r.group->per_prompt()]);
-    starts.push_back(row.start);
-    last.push_back(row.count - 1);
+  // One forward per width group: every row of a call is padded to the call's widest, so a long
+  // prompt would make each short one beside it pay for its length. Rows, widest first, join a
+  // group while their padding stays within max(8, width / 8) tokens; each group keeps the rows'
+  // order (consecutive slots stay a view of the cache). The mid model's four bench prompts (33-46
+  // positions, 16 rows): 2 calls with 664 positions instead of 1 with 736.
+  std::vector<size_t> order(rows.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::stable_sort(order.begin(), order.end(), [&](size_t a, size_t b) { return rows[a].count > rows[b].count; });
+  std::vector<int> group_of(rows.size(), -1);
+  std::vector<int64_t> widths;
+  for (size_t i : order) {
+    if (widths.empty() || widths.back() - rows[i].count > std::max<int64_t>(8, widths.back() / 8)) widths.push_back(rows[i].count);
+    group_of[i] = static_cast<int>(widths.size()) - 1;
   }
-  at::Tensor logits;
-  try {
-    logits = runtime_->PrefillChunk(*cache_, embeds, slots, starts, last);
-  } catch (...) {
-    std::exception_ptr error = std::current_exception();
-    for (const Row& row : rows) {
-      for (auto& r : active_) {
-        if (r.get() == row.request) {
-          Finish(*r, error);
-          break;
+  const ModelSpec& spec = runtime_->spec();
+  for (size_t g = 0; g < widths.size(); ++g) {
+    const int64_t width = widths[g];
+    // Padding of a short row is written past its length (and overwritten later): it must stay in
+    // its slot, so rows whose start leaves no room for their group's width wait for the next cycle.
+    // A call whose earlier group failed has been finished (and may be freed): its rows are skipped.
+    auto still_active = [&](const Request* request) {
+      return std::any_of(active_.begin(), active_.end(), [&](const auto& r) { return r.get() == request; });
+    };
+    std::vector<const Row*> group;
+    for (size_t i = 0; i < rows.size(); ++i)
+      if (group_of[i] == static_cast<int>(g) && rows[i].start + width <= cache_->length() && still_active(rows[i].request))
+        group.push_back(&rows[i]);
+    if (group.empty()) continue;
+    at::Tensor embeds = at::zeros({static_cast<int64_t>(group.size()), width, spec.embed_dim},
+                                  group.front()->request->prompt_embeds.front().options());
+    std::vector<int64_t> slots, starts, last;
+    for (size_t i = 0; i < group.size(); ++i) {
+      const Row& row = *group[i];
+      Request& r = *row.request;
+      embeds[static_cast<int64_t>(i)].narrow(0, 0, row.count).copy_(r.prompt_embeds[row.prompt].narrow(0, row.start, row.count));
+      slots.push_back(r.slot_of[row.prompt * r.group->per_prompt()]);
+      starts.push_back(row.start);
+      last.push_back(row.count - 1);
+    }
+    at::Tensor logits;
+    try {
+      logits = runtime_->PrefillChunk(*cache_, embeds, slots, starts, last);
+    } catch (...) {
+      std::exception_ptr error = std::current_exception();
+      for (const Row* row : group) {
+        for (auto& r : active_) {
+          if (r.get() == row->request) {
+            Finish(*r, error);
+            break;
+          }
         }
       }
+      continue;
     }
-    return;
-  }
-  for (size_t i = 0; i < rows.size(); ++i) {
-    Request& r = *rows[i].request;
-    r.prompt_done[rows[i].prompt] += rows[i].count;
-    prefill_tokens_ += rows[i].count;
-    if (r.prompt_done[rows[i].prompt] == r.prompt_embeds[rows[i].prompt].size(0)) {
-      r.prompt_logits[rows[i].prompt] = logits[static_cast<int64_t>(i)];
+    for (size_t i = 0; i < group.size(); ++i) {
+      Request& r = *group[i]->request;
+      r.prompt_done[group[i]->prompt] += group[i]->count;
+      prefill_tokens_ += group[i]->count;
+      prefill_padding_tokens_ += width - group[i]->count;
+      if (r.prompt_done[group[i]->prompt] == r.prompt_embeds[group[i]->prompt].size(0)) {
+        r.prompt_logits[group[i]->prompt] = logits[static_cast<int64_t>(i)];
+      }
     }
   }
   StartCompleted();

@@ -68,6 +68,7 @@ struct SchedulerStats {
   int64_t decode_steps = 0;
   int64_t generated_tokens = 0;
   int64_t prefill_tokens = 0;
+  int64_t prefill_padding_tokens = 0;  // positions computed as padding beside shorter prompts
   double tokens_per_second = 0;
   double last_step_ms = 0;
   int64_t largest_step_rows = 0;
@@ -137,7 +138,7 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
   std::vector<Slot> slot_table_;
   int64_t running_count_ = 0;  // slots 0..running_count_-1 hold the running sequences
   double tokens_per_second_ = 0;
-  int64_t completed_ = 0, failed_ = 0, decode_steps_ = 0, generated_tokens_ = 0, prefill_tokens_ = 0;
+  int64_t completed_ = 0, failed_ = 0, decode_steps_ = 0, generated_tokens_ = 0, prefill_tokens_ = 0, prefill_padding_tokens_ = 0;
   double last_step_ms_ = 0;
   int64_t largest_step_rows_ = 0;
   int64_t image_encodes_ = 0, encoded_images_ = 0;
