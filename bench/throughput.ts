@@ -11,7 +11,8 @@
 // different lengths, request i = item i % 8; greedy, exactly --new-tokens tokens (EOS disabled).
 // Ours: a fresh process per concurrency level loads the model (maxBatchSize 16, 64 for levels
 // above 16), runs one untimed wave of N requests, then a closed loop: N clients each send their
-// next request when the last one answered, until --requests (default max(16, 4N)) were sent or
+// next request when the last one answered, until --requests (default max(48, 4N): one by one that
+// is ~15 s, so the ratios' denominator is not decided by a few slow requests) were sent or
 // --seconds passed; the ones in flight finish. requests/s = completed / elapsed (the final drain
 // included), latency = the generate() call until its sequences, event-loop delay = p99 of
 // perf_hooks.monitorEventLoopDelay over the loop.
@@ -89,7 +90,7 @@ async function main(): Promise<void> {
 
   const ours = new Map<number, Record<string, any>>();
   for (const c of levels) {
-    const requests = arg('requests', String(Math.max(16, 4 * c)));
+    const requests = arg('requests', String(Math.max(48, 4 * c)));
     const maxBatch = c > 16 ? 64 : 16;
     const [row] = (await runChild(__filename, ['--child', '--model-dir', modelDir, '--concurrency', String(c), '--max-batch', String(maxBatch),
       '--requests', requests, '--threads', String(threads), '--new-tokens', String(newTokens), '--seconds', String(seconds), '--attention', attention]))

@@ -192,9 +192,16 @@ describe('serving: continuous batching on one scheduler per model', function () 
   it('back-pressure: beyond maxQueue a call rejects at once with QueueFullError; calls needing more slots than exist are refused', async () => {
     const small = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 1, maxQueue: 2 });
     const long = { maxNewTokens: 30, eosTokenId: [] as number[] };
-    const admitted = [small.generate({ pixelValues: pixels('noise') }, long)];
+    // The first call runs long (120 of the 121 positions maxLength 128 leaves), so that it is still
+    // running when the loop below looks, even after a pause of the event loop: a first call that
+    // had already finished would leave runningCalls at 0 and no queue to fill.
+    const admitted = [small.generate({ pixelValues: pixels('noise') }, { maxNewTokens: 120, eosTokenId: [] })];
     // Let the first one be admitted, so that exactly two wait.
-    while (small.stats().runningCalls === 0) await new Promise((r) => setImmediate(r));
+    const deadline = performance.now() + 10_000;
+    while (small.stats().runningCalls === 0) {
+      assert.ok(performance.now() < deadline, `the first call was not seen running: ${JSON.stringify(small.stats())}`);
+      await new Promise((r) => setImmediate(r));
+    }
     admitted.push(small.generate({ pixelValues: pixels('noise') }, long), small.generate({ pixelValues: pixels('noise') }, long));
     const started = performance.now();
     await assert.rejects(small.generate({ pixelValues: pixels('noise') }, long), (e: unknown) => {
@@ -206,7 +213,8 @@ describe('serving: continuous batching on one scheduler per model', function () 
     assert.ok(performance.now() - started < 50, 'rejected without waiting');
     await assert.rejects(small.generate({ pixelValues: pixels('noise') }, { numBeams: 2, maxNewTokens: 2 }),
       (e: unknown) => e instanceof InvalidArgumentError && /at most 1 sequences per call/.test(e.message));
-    for (const p of admitted) assert.deepEqual((await p).shape, [1, 7 + 30]);
+    assert.deepEqual((await admitted[0]).shape, [1, 7 + 120]);
+    for (const p of admitted.slice(1)) assert.deepEqual((await p).shape, [1, 7 + 30]);
     await small.dispose();
   });
 
