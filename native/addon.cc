@@ -127,16 +127,15 @@ Napi::Value LinearForTesting(const Napi::CallbackInfo& info) {
     auto w = NativeTensor::FromValue(info[1], "weight")->box();
     std::shared_ptr<TensorBox> b;
     if (!info[2].IsNull() && !info[2].IsUndefined()) b = NativeTensor::FromValue(info[2], "bias")->box();
-    std::string path = info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "";
-    if (path != "kernel" && path != "onednn" && path != "plain") throw InvalidArgument("path", path, "'kernel', 'onednn' or 'plain'");
+    std::string name = info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "";
+    if (name != "kernel" && name != "onednn" && name != "plain") throw InvalidArgument("path", name, "'kernel', 'onednn' or 'plain'");
+    const LinearPath path = name == "kernel" ? LinearPath::kKernel : name == "onednn" ? LinearPath::kOneDnn : LinearPath::kPlain;
     return RunAsync<at::Tensor>(
         env, c10::Device(c10::kCPU),
         [x, w, b, path]() {
           c10::optional<at::Tensor> bias;
           if (b) bias = b->Get();
-          if (path == "kernel") return Blip2LinearKernel(x->Get(), w->Get(), bias);
-          if (path == "onednn") return OneDnnLinear(x->Get(), w->Get(), bias);
-          return at::linear(x->Get(), w->Get(), bias);
+          return LinearOnPath(path, x->Get(), w->Get(), bias);
         },
         [](Napi::Env env, at::Tensor& out) -> Napi::Value { return NativeTensor::NewInstance(env, out); });
   });

@@ -20,17 +20,30 @@ async function linear(x: Tensor, w: Tensor, b: Tensor | null, path: 'kernel' | '
   return (await f32.toArray()) as Float32Array;
 }
 
+/** Seeded x [rows, inn], w [out, inn], b [out] in `dtype`, and their values as rounded to it (float32 arrays). */
+async function operands(dtype: 'float32' | 'bfloat16' | 'float16', rows: number, out: number, inn: number) {
+  const x = await Tensor.from(values(rows * inn, 1 + rows), [rows, inn]).to({ dtype });
+  const w = await Tensor.from(values(out * inn, 7 + out), [out, inn]).to({ dtype });
+  const b = await Tensor.from(values(out, 3), [out]).to({ dtype });
+  const [xr, wr, br] = await Promise.all([x, w, b].map(async (t) => (await (await t.to({ dtype: 'float32' })).toArray()) as Float32Array));
+  return { x, w, b, xr, wr, br };
+}
+
+/** The exact (float64) output [r, o] of those rounded values, with or without the bias. */
+function exact(xr: Float32Array, wr: Float32Array, br: Float32Array | null, inn: number, r: number, o: number): number {
+  let e = br ? br[o] : 0;
+  for (let k = 0; k < inn; k++) e += xr[r * inn + k] * wr[o * inn + k];
+  return e;
+}
+
 describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)', () => {
   it(`equals at::linear for float32, bfloat16 and float16 weights, 1 to 300 rows, sizes with vector tails (${versions.linearKernel})`, async function () {
     if (versions.linearKernel === 'none') this.skip();
     for (const dtype of ['float32', 'bfloat16', 'float16'] as const) {
       for (const [out, inn] of [[64, 48], [37, 129], [1000, 768], [5, 3]]) {
         for (const rows of [1, 2, 3, 4, 5, 8, 13, 16, 33, 64, 300]) {
-          const x = await Tensor.from(values(rows * inn, 1 + rows), [rows, inn]).to({ dtype });
-          const w = await Tensor.from(values(out * inn, 7 + out), [out, inn]).to({ dtype });
-          const b = await Tensor.from(values(out, 3), [out]).to({ dtype });
           // The exact product of the values as rounded to `dtype`, in float64.
-          const [xr, wr, br] = await Promise.all([x, w, b].map(async (t) => (await (await t.to({ dtype: 'float32' })).toArray()) as Float32Array));
+          const { x, w, b, xr, wr, br } = await operands(dtype, rows, out, inn);
           for (const bias of [b, null]) {
             const ours = await linear(x, w, bias, 'kernel');
             const ref = await linear(x, w, bias, 'plain');
@@ -43,8 +56,7 @@ describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)',
             let worstRef = 0;
             for (let r = 0; r < rows; r++) {
               for (let o = 0; o < out; o++) {
-                let e = bias ? br[o] : 0;
-                for (let k = 0; k < inn; k++) e += xr[r * inn + k] * wr[o * inn + k];
+                const e = exact(xr, wr, bias ? br : null, inn, r, o);
                 const i = r * out + o;
                 worstExact = Math.max(worstExact, Math.abs(ours[i] - e) / (acc + ulp * Math.abs(e)));
                 worstRef = Math.max(worstRef, Math.abs(ours[i] - ref[i]) / (acc + 3 * ulp * Math.abs(e)));
@@ -64,10 +76,7 @@ describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)',
     for (const dtype of ['float32', 'bfloat16'] as const) {
       for (const [out, inn] of [[64, 48], [37, 129], [1000, 768]]) {
         for (const rows of [1, 3, 16, 33, 300]) {
-          const x = await Tensor.from(values(rows * inn, 1 + rows), [rows, inn]).to({ dtype });
-          const w = await Tensor.from(values(out * inn, 7 + out), [out, inn]).to({ dtype });
-          const b = await Tensor.from(values(out, 3), [out]).to({ dtype });
-          const [xr, wr, br] = await Promise.all([x, w, b].map(async (t) => (await (await t.to({ dtype: 'float32' })).toArray()) as Float32Array));
+          const { x, w, b, xr, wr, br } = await operands(dtype, rows, out, inn);
           for (const bias of [b, null]) {
             const got = await linear(x, w, bias, 'onednn');
             // float32: accumulation error only; bfloat16: one rounding to bfloat16 on top.
@@ -76,8 +85,7 @@ describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)',
             let worst = 0;
             for (let r = 0; r < rows; r++) {
               for (let o = 0; o < out; o++) {
-                let e = bias ? br[o] : 0;
-                for (let k = 0; k < inn; k++) e += xr[r * inn + k] * wr[o * inn + k];
+                const e = exact(xr, wr, bias ? br : null, inn, r, o);
                 worst = Math.max(worst, Math.abs(got[r * out + o] - e) / (acc + ulp * Math.abs(e)));
               }
             }

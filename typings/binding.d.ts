@@ -327,7 +327,7 @@ export interface NativeBinding {
   setNumThreads(threads: number): Promise<number>;
   /** Process exit (main thread): stops every executor after its current step, before static destructors run. */
   shutdownForExit(): void;
-  /** Tests only: x·weightᵀ + bias through blip2::linear's CPU kernel (`kernel` true) or at::linear. */
+  /** Tests only: x·weightᵀ + bias through one CPU path: blip2::linear's kernel, oneDNN's matmul or at::linear ('plain'). */
   linearForTesting(x: NativeTensor, weight: NativeTensor, bias: NativeTensor | null, path: 'kernel' | 'onednn' | 'plain'): Promise<NativeTensor>;
   getNumThreads(): Promise<number>;
   /**

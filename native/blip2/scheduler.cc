@@ -549,14 +549,14 @@ void Scheduler::Prefill() {
     group_of[i] = static_cast<int>(widths.size()) - 1;
   }
   const ModelSpec& spec = runtime_->spec();
+  // A call whose earlier group failed has been finished (and may be freed): its rows are skipped.
+  auto still_active = [&](const Request* request) {
+    return std::any_of(active_.begin(), active_.end(), [&](const auto& r) { return r.get() == request; });
+  };
   for (size_t g = 0; g < widths.size(); ++g) {
     const int64_t width = widths[g];
     // Padding of a short row is written past its length (and overwritten later): it must stay in
     // its slot, so rows whose start leaves no room for their group's width wait for the next cycle.
-    // A call whose earlier group failed has been finished (and may be freed): its rows are skipped.
-    auto still_active = [&](const Request* request) {
-      return std::any_of(active_.begin(), active_.end(), [&](const auto& r) { return r.get() == request; });
-    };
     std::vector<const Row*> group;
     for (size_t i = 0; i < rows.size(); ++i)
       if (group_of[i] == static_cast<int>(g) && rows[i].start + width <= cache_->length() && still_active(rows[i].request))

@@ -367,15 +367,17 @@ at::Tensor Blip2LinearKernel(const at::Tensor& x_in, const at::Tensor& weight, c
   return y.to(weight.scalar_type()).view(shape);
 }
 
-at::Tensor Blip2Linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  if (Eligible(x, weight, bias)) {
-    switch (Decided(x, weight)) {
-      case LinearPath::kKernel: return Blip2LinearKernel(x, weight, bias);
-      case LinearPath::kOneDnn: return OneDnnLinear(x, weight, bias);
-      case LinearPath::kPlain: break;
-    }
+at::Tensor LinearOnPath(LinearPath path, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  switch (path) {
+    case LinearPath::kKernel: return Blip2LinearKernel(x, weight, bias);
+    case LinearPath::kOneDnn: return OneDnnLinear(x, weight, bias);
+    case LinearPath::kPlain: break;
   }
   return at::linear(x, weight, bias);
+}
+
+at::Tensor Blip2Linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+  return LinearOnPath(Eligible(x, weight, bias) ? Decided(x, weight) : LinearPath::kPlain, x, weight, bias);
 }
 
 std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& weights, LinearKernelMode mode) {
@@ -426,12 +428,7 @@ std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& w
       at::Tensor x = at::randn({rows, first.size(1)}).to(first.scalar_type());
       auto sweep = [&](LinearPath path) {
         auto start = Clock::now();
-        for (const at::Tensor& w : group) {
-          at::Tensor y = path == LinearPath::kKernel ? Blip2LinearKernel(x, w, c10::nullopt)
-                         : path == LinearPath::kOneDnn ? OneDnnLinear(x, w, c10::nullopt)
-                                                       : at::linear(x, w);
-          (void)y;
-        }
+        for (const at::Tensor& w : group) (void)LinearOnPath(path, x, w, c10::nullopt);
         return std::chrono::duration<double, std::milli>(Clock::now() - start).count();
       };
       // Which paths run here: the kernel needs AVX2; oneDNN may lack the ISA a dtype needs (it

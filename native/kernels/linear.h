@@ -73,6 +73,8 @@ at::Tensor Blip2Linear(const at::Tensor& x, const at::Tensor& weight, const c10:
 // oneDNN's product (x: any [..., in] CPU tensor of the weight's dtype), and whether this libtorch has it.
 at::Tensor OneDnnLinear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 bool OneDnnLinearAvailable();
+// One path's product, no policy (tests, and the timing at load).
+at::Tensor LinearOnPath(LinearPath path, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 // The kernel alone, no policy (x: [rows, in] contiguous, weight [out, in] contiguous).
 at::Tensor Blip2LinearKernel(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 
