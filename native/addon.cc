@@ -4,6 +4,7 @@
 
 #include <ATen/Parallel.h>
 
+#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 #include <ATen/detail/CUDAHooksInterface.h>
@@ -119,7 +120,7 @@ Napi::Value ShutdownForExit(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
-// Tests only: one product through one path ("kernel", "onednn" or "plain": at::linear), to compare them.
+// Tests only: one product through one path (LinearPathName's names), to compare them.
 Napi::Value LinearForTesting(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   return GuardJs(env, [&]() -> Napi::Value {
@@ -128,8 +129,10 @@ Napi::Value LinearForTesting(const Napi::CallbackInfo& info) {
     std::shared_ptr<TensorBox> b;
     if (!info[2].IsNull() && !info[2].IsUndefined()) b = NativeTensor::FromValue(info[2], "bias")->box();
     std::string name = info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "";
-    if (name != "kernel" && name != "onednn" && name != "plain") throw InvalidArgument("path", name, "'kernel', 'onednn' or 'plain'");
-    const LinearPath path = name == "kernel" ? LinearPath::kKernel : name == "onednn" ? LinearPath::kOneDnn : LinearPath::kPlain;
+    const LinearPath paths[] = {LinearPath::kPlain, LinearPath::kKernel, LinearPath::kOneDnn, LinearPath::kKernelPrefetch};
+    const LinearPath* path_it = std::find_if(std::begin(paths), std::end(paths), [&](LinearPath p) { return name == LinearPathName(p); });
+    if (path_it == std::end(paths)) throw InvalidArgument("path", name, "'plain', 'kernel', 'onednn' or 'kernel-prefetch'");
+    const LinearPath path = *path_it;
     return RunAsync<at::Tensor>(
         env, c10::Device(c10::kCPU),
         [x, w, b, path]() {

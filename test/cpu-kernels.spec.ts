@@ -14,7 +14,7 @@ function values(n: number, seed: number): Float32Array {
   return Float32Array.from({ length: n }, () => ((state = (Math.imul(state, 1664525) + 1013904223) >>> 0) / 2147483648) - 1);
 }
 
-async function linear(x: Tensor, w: Tensor, b: Tensor | null, path: 'kernel' | 'onednn' | 'plain'): Promise<Float32Array> {
+async function linear(x: Tensor, w: Tensor, b: Tensor | null, path: 'kernel' | 'onednn' | 'plain' | 'kernel-prefetch'): Promise<Float32Array> {
   const out = Tensor.fromNative(await binding.linearForTesting(Tensor.native(x, 'x'), Tensor.native(w, 'w'), b ? Tensor.native(b, 'b') : null, path));
   const f32 = out.dtype === 'float32' ? out : await out.to({ dtype: 'float32' });
   return (await f32.toArray()) as Float32Array;
@@ -37,6 +37,27 @@ function exact(xr: Float32Array, wr: Float32Array, br: Float32Array | null, inn:
 }
 
 describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)', () => {
+  it('the kernel with prefetch gives the same bits as without, 1 to 4 rows (it is chosen by timing alone)', async function () {
+    if (versions.linearKernel === 'none') this.skip();
+    for (const dtype of ['float32', 'bfloat16', 'float16'] as const) {
+      for (const [out, inn] of [[64, 48], [37, 129], [1000, 768], [5, 3]]) {
+        for (const rows of [1, 2, 3, 4, 5]) {
+          const { x, w, b } = await operands(dtype, rows, out, inn);
+          for (const bias of [b, null]) {
+            const plain = await linear(x, w, bias, 'kernel');
+            const prefetched = await linear(x, w, bias, 'kernel-prefetch');
+            assert.deepEqual(Array.from(prefetched), Array.from(plain), `${dtype} ${rows}x${inn} by ${out}x${inn}`);
+          }
+        }
+      }
+    }
+  });
+
+  it('rejects an unknown path by name in the test binding', async () => {
+    const { x, w } = await operands('float32', 1, 4, 4);
+    await assert.rejects(async () => linear(x, w, null, 'fast' as never), /path.*fast.*'plain', 'kernel', 'onednn' or 'kernel-prefetch'/s);
+  });
+
   it(`equals at::linear for float32, bfloat16 and float16 weights, 1 to 300 rows, sizes with vector tails (${versions.linearKernel})`, async function () {
     if (versions.linearKernel === 'none') this.skip();
     for (const dtype of ['float32', 'bfloat16', 'float16'] as const) {
@@ -133,7 +154,7 @@ describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)',
   it('is chosen per weight shape by timing at load; greedy tokens equal the plain path and a forward()-only decoder', async () => {
     const modelDir = smallModel();
     const timed = await Blip2ForConditionalGeneration.fromPretrained(modelDir);
-    const decisions = timed.linearKernels;
+    const decisions = timed.linearKernels.map((d) => ({ ...d }));  // a copy: paths can change online
     if (versions.linearKernel !== 'none') {
       // Every matrix shape of both modules, at 1, 4, 16, 64 and 256 rows, was timed both ways.
       assert.ok(decisions.length >= 20, JSON.stringify(decisions));
@@ -168,6 +189,13 @@ describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)',
       (await rowsOf(await model.generate({ pixelValues: pixels, inputIds: ids([prompt]) }, { maxNewTokens: 16, eosTokenId: [] })))[0];
     const reference = await referenceGreedy(plain, pixels, prompt, 16);
     for (const model of [timed, forced, onednn, plain]) assert.deepEqual((await generate(model)).slice(prompt.length), reference);
+    // After decoding, only up-to-4-row products the kernel won may have moved to its prefetching
+    // variant (compared on the decode calls); every other decision is as timed at load.
+    timed.linearKernels.forEach((d, i) => {
+      const atLoad = decisions[i];
+      if (atLoad.path === 'kernel' && d.rows <= 4) assert.ok(d.path === 'kernel' || d.path === 'kernel-prefetch', JSON.stringify(d));
+      else assert.equal(d.path, atLoad.path, JSON.stringify(d));
+    });
     // Batched steps (2 rows) go through the 4-row kernel when forced.
     const two = Tensor.from(new Float32Array(2 * 3 * 56 * 56).map((_, i) => Math.sin((i % (3 * 56 * 56)) * 0.37)), [2, 3, 56, 56]);
     const rows = await rowsOf(await forced.generate({ pixelValues: two, inputIds: ids([prompt, prompt]) }, { maxNewTokens: 16, eosTokenId: [] }));

@@ -231,9 +231,14 @@ export interface NativeLinearDecision {
   plainMs: number;
   kernelMs: number;
   onednnMs: number;
-  /** The path the model's products of this shape and rows take: the fastest timed, or the one forced by BLIP2_LINEAR_KERNEL. */
-  path: 'plain' | 'kernel' | 'onednn';
+  /** The path the model's products of this shape and rows take: the fastest timed, or the one forced by
+   * BLIP2_LINEAR_KERNEL. Up to 4 rows, where the kernel won, it and 'kernel-prefetch' (the same results,
+   * with software prefetch of the next weight rows) are compared on the first decode products and the
+   * faster kept: 'kernel' may become 'kernel-prefetch' once the model has decoded. */
+  path: LinearPathName;
 }
+
+export type LinearPathName = 'plain' | 'kernel' | 'onednn' | 'kernel-prefetch';
 
 export interface NativeBlip2Model {
   readonly device: string;
@@ -328,7 +333,7 @@ export interface NativeBinding {
   /** Process exit (main thread): stops every executor after its current step, before static destructors run. */
   shutdownForExit(): void;
   /** Tests only: x·weightᵀ + bias through one CPU path: blip2::linear's kernel, oneDNN's matmul or at::linear ('plain'). */
-  linearForTesting(x: NativeTensor, weight: NativeTensor, bias: NativeTensor | null, path: 'kernel' | 'onednn' | 'plain'): Promise<NativeTensor>;
+  linearForTesting(x: NativeTensor, weight: NativeTensor, bias: NativeTensor | null, path: LinearPathName): Promise<NativeTensor>;
   getNumThreads(): Promise<number>;
   /**
    * BlipImageProcessor's pixel pipeline: convert("RGB") (alpha dropped) and PIL-exact resize on a CPU pool,

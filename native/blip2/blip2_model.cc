@@ -325,7 +325,7 @@ Napi::Value NativeBlip2Model::GetLinearKernels(const Napi::CallbackInfo& info) {
     o.Set("plainMs", d.plain_ms);
     o.Set("kernelMs", d.kernel_ms);
     o.Set("onednnMs", d.onednn_ms);
-    o.Set("path", LinearPathName(d.path));
+    o.Set("path", LinearPathName(CurrentLinearPath(d)));
     out.Set(i++, o);
   }
   return out;

@@ -85,7 +85,9 @@ __attribute__((target("avx512f"))) inline __m512 Sum16(const __m512* v) {
 // [o_begin, o_end). x and w point at the first k of this block of columns; `ld` is the row stride
 // of both; `accumulate` adds to y (the later column blocks of a long row); `bias` (float32, indexed
 // by o; non-null only for a row's last column block) is added after the sum. Rows256 the same.
-template <typename W, int M>
+// Prefetch: each 64-byte line of the next group of weight rows is prefetched as the same column of
+// the current group is read (one group, R rows, ahead; see LinearPath::kKernelPrefetch).
+template <typename W, int M, bool Prefetch>
 __attribute__((target("avx512f,avx512bw,fma"))) void Rows512(const W* w, const float* x, int64_t ld, int64_t kc, int64_t o_begin,
                                                                int64_t o_end, float* y, int64_t n, bool accumulate, const float* bias) {
   constexpr int R = M <= 2 ? 8 : 4;  // 8 weight streams in flight read faster where registers allow
@@ -98,6 +100,8 @@ __attribute__((target("avx512f,avx512bw,fma"))) void Rows512(const W* w, const f
     for (int r = 0; r < R; ++r) rows[r] = w + (o + r) * ld;
     for (int64_t k = 0; k < k_vec; k += 16) {
       __m512 wv[R];
+      if (Prefetch && ((k * int64_t{sizeof(W)}) & 63) == 0)
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(rows[r] + R * ld + k), _MM_HINT_T0);
       for (int r = 0; r < R; ++r) wv[r] = Load512<W>::At(rows[r] + k);
       for (int m = 0; m < M; ++m) {
         __m512 xv = _mm512_loadu_ps(x + m * ld + k);
@@ -157,7 +161,7 @@ __attribute__((target("avx2"))) inline float Sum256(__m256 v) {
   return _mm_cvtss_f32(s);
 }
 
-template <typename W, int M>
+template <typename W, int M, bool Prefetch>
 __attribute__((target("avx2,fma,f16c"))) void Rows256(const W* w, const float* x, int64_t ld, int64_t kc, int64_t o_begin,
                                                         int64_t o_end, float* y, int64_t n, bool accumulate, const float* bias) {
   constexpr int R = M <= 2 ? 4 : 2;  // 16 ymm registers
@@ -169,6 +173,8 @@ __attribute__((target("avx2,fma,f16c"))) void Rows256(const W* w, const float* x
       for (int r = 0; r < R; ++r) acc[m][r] = _mm256_setzero_ps();
     for (int64_t k = 0; k < k_vec; k += 8) {
       __m256 wv[R];
+      if (Prefetch && ((k * int64_t{sizeof(W)}) & 63) == 0)
+        for (int r = 0; r < R; ++r) _mm_prefetch(reinterpret_cast<const char*>(w + (o + R + r) * ld + k), _MM_HINT_T0);
       for (int r = 0; r < R; ++r) wv[r] = Load256<W>::At(w + (o + r) * ld + k);
       for (int m = 0; m < M; ++m) {
         __m256 xv = _mm256_loadu_ps(x + m * ld + k);
@@ -205,15 +211,18 @@ constexpr int64_t kRowChunk = 256;
 // From 5 to this many x rows a product hands its output chunks out dynamically (Blip2LinearKernel).
 constexpr int64_t kDynamicRows = 64;
 
+// prefetch: software prefetch of the next weight rows (only up to 4 x rows, the pure stream).
 template <typename W>
 void RunRows(const W* w, const float* x, int64_t rows, int64_t k_len, int64_t o_begin, int64_t o_end, float* y, int64_t n,
-             const float* bias) {
+             const float* bias, bool prefetch) {
+  prefetch = prefetch && rows <= 4;
   auto tile = [&](auto m_const, int64_t m, int64_t k0, int64_t kc, int64_t ob, int64_t oe) {
     constexpr int M = decltype(m_const)::value;
+    const float* b = k0 + kc == k_len ? bias : nullptr;
     if (kIsa == Isa::kAvx512) {
-      Rows512<W, M>(w + k0, x + m * k_len + k0, k_len, kc, ob, oe, y + m * n, n, k0 > 0, k0 + kc == k_len ? bias : nullptr);
+      (prefetch ? Rows512<W, M, true> : Rows512<W, M, false>)(w + k0, x + m * k_len + k0, k_len, kc, ob, oe, y + m * n, n, k0 > 0, b);
     } else {
-      Rows256<W, M>(w + k0, x + m * k_len + k0, k_len, kc, ob, oe, y + m * n, n, k0 > 0, k0 + kc == k_len ? bias : nullptr);
+      (prefetch ? Rows256<W, M, true> : Rows256<W, M, false>)(w + k0, x + m * k_len + k0, k_len, kc, ob, oe, y + m * n, n, k0 > 0, b);
     }
   };
   const int64_t pieces = rows <= 4 ? 1 : (k_len + kColumns - 1) / kColumns;
@@ -243,8 +252,25 @@ void RunRows(const W* w, const float* x, int64_t rows, int64_t k_len, int64_t o_
 using PolicyKey = std::tuple<int64_t, int64_t, int, int64_t>;  // out, in, dtype, rows bucket
 
 std::mutex policy_mutex;
-std::map<PolicyKey, LinearPath>& Policy() {
-  static auto* policy = new std::map<PolicyKey, LinearPath>();  // leaked: used until process exit
+// The kernel with and without prefetch give the same bits (the prefetch changes no arithmetic), so
+// where the load-time timing picked the kernel for up to 4 rows, its two variants are compared on
+// the model's own decode products instead of at load: the load-time sweep reads tens of MB, a
+// decode step the whole model (GBs on real sizes), whose page-table walks it does not reproduce
+// (measured on 2 Zen 5 cores: a load-time sweep of both chose no prefetch for blip2-opt-2.7b's
+// 2560x2560 bfloat16 one-row products, while its decode steps were 4-22% faster with prefetch on
+// every such product; timing both at load also took its load from 2.7 to 3.4 s). After a warm-up
+// of one product per weight of the shape, calls alternate until each variant has kOnlineTrials
+// timed calls, and the faster in total is kept.
+constexpr int64_t kOnlineTrials = 16;
+struct PolicyEntry {
+  LinearPath path = LinearPath::kPlain;
+  bool online = false;   // still comparing kKernel and kKernelPrefetch on real calls
+  int64_t warmup = 0;    // calls left before timing starts
+  int64_t calls[2] = {0, 0};  // timed calls: [0] kernel, [1] kernel with prefetch
+  double ms[2] = {0, 0};
+};
+std::map<PolicyKey, PolicyEntry>& Policy() {
+  static auto* policy = new std::map<PolicyKey, PolicyEntry>();  // leaked: used until process exit
   return *policy;
 }
 
@@ -262,12 +288,37 @@ bool Eligible(const at::Tensor& x, const at::Tensor& weight, const c10::optional
   return !(bias && bias->defined() && (bias->scalar_type() != t || bias->dim() != 1 || bias->size(0) != weight.size(0)));
 }
 
-LinearPath Decided(const at::Tensor& x, const at::Tensor& weight) {
-  int64_t rows = x.numel() / x.size(-1);
-  PolicyKey key{weight.size(0), weight.size(1), static_cast<int>(weight.scalar_type()), RowsBucket(rows)};
+PolicyKey KeyOf(int64_t out, int64_t in, at::ScalarType dtype, int64_t rows) {
+  return {out, in, static_cast<int>(dtype), RowsBucket(rows)};
+}
+
+// The path for this product; `timed` is set while the call is one of the online comparison's.
+LinearPath Decided(const at::Tensor& x, const at::Tensor& weight, bool* timed) {
   std::lock_guard<std::mutex> lock(policy_mutex);
-  auto it = Policy().find(key);
-  return it == Policy().end() ? LinearPath::kPlain : it->second;
+  auto it = Policy().find(KeyOf(weight.size(0), weight.size(1), weight.scalar_type(), x.numel() / x.size(-1)));
+  if (it == Policy().end()) return LinearPath::kPlain;
+  PolicyEntry& e = it->second;
+  if (!e.online) return e.path;
+  if (e.warmup > 0) {
+    --e.warmup;
+    return e.path;
+  }
+  *timed = true;
+  return e.calls[0] <= e.calls[1] ? LinearPath::kKernel : LinearPath::kKernelPrefetch;
+}
+
+void RecordOnline(const at::Tensor& x, const at::Tensor& weight, LinearPath path, double ms) {
+  std::lock_guard<std::mutex> lock(policy_mutex);
+  auto it = Policy().find(KeyOf(weight.size(0), weight.size(1), weight.scalar_type(), x.numel() / x.size(-1)));
+  if (it == Policy().end() || !it->second.online) return;  // re-decided meanwhile (another load)
+  PolicyEntry& e = it->second;
+  const int v = path == LinearPath::kKernelPrefetch ? 1 : 0;
+  ++e.calls[v];
+  e.ms[v] += ms;
+  if (e.calls[0] >= kOnlineTrials && e.calls[1] >= kOnlineTrials) {
+    e.path = e.ms[1] < e.ms[0] ? LinearPath::kKernelPrefetch : LinearPath::kKernel;
+    e.online = false;
+  }
 }
 
 // oneDNN's matmul as libtorch registers it for its own CPU compiler (mkldnn::_linear_pointwise),
@@ -286,6 +337,7 @@ const c10::OperatorHandle* OneDnnLinearOp() {
 const char* LinearPathName(LinearPath path) {
   switch (path) {
     case LinearPath::kKernel: return "kernel";
+    case LinearPath::kKernelPrefetch: return "kernel-prefetch";
     case LinearPath::kOneDnn: return "onednn";
     case LinearPath::kPlain: return "plain";
   }
@@ -317,7 +369,7 @@ const char* LinearKernelIsa() {
   return "none";
 }
 
-at::Tensor Blip2LinearKernel(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
+at::Tensor Blip2LinearKernel(const at::Tensor& x_in, const at::Tensor& weight, const c10::optional<at::Tensor>& bias, bool prefetch) {
   const int64_t k_len = weight.size(1);
   const int64_t n = weight.size(0);
   const int64_t rows = x_in.numel() / k_len;
@@ -343,7 +395,7 @@ at::Tensor Blip2LinearKernel(const at::Tensor& x_in, const at::Tensor& weight, c
     if (rows <= 4 || rows > kDynamicRows || threads < 2 || blocks < 4 * threads) {
       const int64_t grain = std::max<int64_t>(1, (blocks + threads - 1) / threads);
       at::parallel_for(0, blocks, grain, [&](int64_t b0, int64_t b1) {
-        RunRows(wp, xp, rows, k_len, b0 * 16, std::min(n, b1 * 16), yp, n, bp);
+        RunRows(wp, xp, rows, k_len, b0 * 16, std::min(n, b1 * 16), yp, n, bp, prefetch);
       });
       return;
     }
@@ -353,7 +405,7 @@ at::Tensor Blip2LinearKernel(const at::Tensor& x_in, const at::Tensor& weight, c
     std::atomic<int64_t> next{0};
     at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
       for (int64_t b0 = next.fetch_add(chunk); b0 < blocks; b0 = next.fetch_add(chunk))
-        RunRows(wp, xp, rows, k_len, b0 * 16, std::min(n, std::min(blocks, b0 + chunk) * 16), yp, n, bp);
+        RunRows(wp, xp, rows, k_len, b0 * 16, std::min(n, std::min(blocks, b0 + chunk) * 16), yp, n, bp, prefetch);
     });
   };
   switch (weight.scalar_type()) {
@@ -370,6 +422,7 @@ at::Tensor Blip2LinearKernel(const at::Tensor& x_in, const at::Tensor& weight, c
 at::Tensor LinearOnPath(LinearPath path, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   switch (path) {
     case LinearPath::kKernel: return Blip2LinearKernel(x, weight, bias);
+    case LinearPath::kKernelPrefetch: return Blip2LinearKernel(x, weight, bias, /*prefetch=*/true);
     case LinearPath::kOneDnn: return OneDnnLinear(x, weight, bias);
     case LinearPath::kPlain: break;
   }
@@ -377,7 +430,14 @@ at::Tensor LinearOnPath(LinearPath path, const at::Tensor& x, const at::Tensor& 
 }
 
 at::Tensor Blip2Linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
-  return LinearOnPath(Eligible(x, weight, bias) ? Decided(x, weight) : LinearPath::kPlain, x, weight, bias);
+  if (!Eligible(x, weight, bias)) return at::linear(x, weight, bias);
+  bool timed = false;
+  const LinearPath path = Decided(x, weight, &timed);
+  if (!timed) return LinearOnPath(path, x, weight, bias);
+  const auto start = std::chrono::steady_clock::now();
+  at::Tensor y = LinearOnPath(path, x, weight, bias);
+  RecordOnline(x, weight, path, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+  return y;
 }
 
 std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& weights, LinearKernelMode mode) {
@@ -419,7 +479,7 @@ std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& w
     return sweep;
   };
   using Clock = std::chrono::steady_clock;
-  constexpr int kPaths = 3;  // indexed by LinearPath
+  constexpr int kPaths = 3;  // indexed by LinearPath (kKernelPrefetch is compared online)
   for (auto& [key, all] : groups) {
     for (int64_t rows : kRowBuckets) {
       const Sweep timed = sweep_of(all, rows);
@@ -482,12 +542,25 @@ std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& w
       }
       {
         std::lock_guard<std::mutex> lock(policy_mutex);
-        Policy()[{d.out_features, d.in_features, static_cast<int>(d.dtype), rows}] = d.path;
+        PolicyEntry& e = Policy()[KeyOf(d.out_features, d.in_features, d.dtype, rows)];
+        e = PolicyEntry{};
+        e.path = d.path;
+        e.online = mode == LinearKernelMode::kAuto && rows <= 4 && d.path == LinearPath::kKernel;
+        e.warmup = static_cast<int64_t>(all.size());
       }
       decisions.push_back(d);
     }
   }
   return decisions;
+}
+
+LinearPath CurrentLinearPath(const LinearDecision& d) {
+  std::lock_guard<std::mutex> lock(policy_mutex);
+  auto it = Policy().find(KeyOf(d.out_features, d.in_features, d.dtype, d.rows));
+  // The policy is per shape, process-wide: a later load of another model of the same shapes (or in
+  // a forced mode) re-decides it; only the online choice between the kernel's variants is reported.
+  if (it == Policy().end() || d.path != LinearPath::kKernel) return d.path;
+  return it->second.path == LinearPath::kKernelPrefetch ? LinearPath::kKernelPrefetch : d.path;
 }
 
 int UseBlip2Linear(torch::jit::Module& module, const std::string& method) {

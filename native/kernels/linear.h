@@ -37,9 +37,14 @@ constexpr int64_t kRowBuckets[] = {1, 4, 16, 64, 256};
 // Which instruction set the kernel runs with here: "avx512", "avx2" or "none" (never used).
 const char* LinearKernelIsa();
 
-// Which code computes a product (the values index arrays in linear.cc).
-enum class LinearPath : int { kPlain = 0, kKernel = 1, kOneDnn = 2 };
-// "plain" (at::linear), "kernel" (blip2::linear's own), "onednn".
+// Which code computes a product (the values index arrays in linear.cc). kKernelPrefetch is the
+// kernel with software prefetch of the next weight rows, for up to 4 rows (beyond, the kernel
+// reuses blocks from L2 and it is the kernel): it pays where the hardware prefetcher stalls, e.g.
+// measured on 2 Zen 5 cores, bfloat16 one-row decode on blip2-opt-2.7b's memory-mapped weights
+// (4 KiB pages) took 159 ms per token against 204 without, while on malloc'd (huge-page) float32
+// weights it was up to 14% slower. So it is measured, on the model's own decode products (linear.cc).
+enum class LinearPath : int { kPlain = 0, kKernel = 1, kOneDnn = 2, kKernelPrefetch = 3 };
+// "plain" (at::linear), "kernel" (blip2::linear's own), "onednn", "kernel-prefetch".
 const char* LinearPathName(LinearPath path);
 
 struct LinearDecision {
@@ -65,6 +70,10 @@ enum class LinearKernelMode {
 // timing sees the real cache behaviour). Returns what was decided.
 std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& weights, LinearKernelMode mode);
 
+// The path products of this decision's shape and rows take now: its `path`, or for up to 4 rows
+// the kernel variant the comparison on real calls settled on since (see linear.cc).
+LinearPath CurrentLinearPath(const LinearDecision& decision);
+
 // Rewrites every aten::linear in `method`'s graph (inlined first) to blip2::linear. Returns how many.
 int UseBlip2Linear(torch::jit::Module& module, const std::string& method);
 
@@ -76,6 +85,7 @@ bool OneDnnLinearAvailable();
 // One path's product, no policy (tests, and the timing at load).
 at::Tensor LinearOnPath(LinearPath path, const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
 // The kernel alone, no policy (x: [rows, in] contiguous, weight [out, in] contiguous).
-at::Tensor Blip2LinearKernel(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias);
+at::Tensor Blip2LinearKernel(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                             bool prefetch = false);
 
 }  // namespace blip2

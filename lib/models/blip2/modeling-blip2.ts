@@ -160,7 +160,9 @@ export class Blip2ForConditionalGeneration {
 
   /**
    * What the load-time timing chose for each weight shape of the model on this CPU and each row
-   * bucket (1, 4, 16, 64, more): at::linear ('plain'), the runtime's product kernel ('kernel') or
+   * bucket (1, 4, 16, 64, more): at::linear ('plain'), the runtime's product kernel ('kernel'; up to
+   * 4 rows, after the first decode steps, possibly 'kernel-prefetch': the same results with software
+   * prefetch of the next weight rows, kept where the decode products measured faster with it) or
    * oneDNN's matmul ('onednn'), with each path's time (empty on other devices or with
    * BLIP2_LINEAR_KERNEL=off).
    */
