@@ -4,7 +4,6 @@
 
 #include <ATen/Parallel.h>
 
-#include <algorithm>
 #include <cstdlib>
 #include <mutex>
 #include <ATen/detail/CUDAHooksInterface.h>
@@ -129,10 +128,8 @@ Napi::Value LinearForTesting(const Napi::CallbackInfo& info) {
     std::shared_ptr<TensorBox> b;
     if (!info[2].IsNull() && !info[2].IsUndefined()) b = NativeTensor::FromValue(info[2], "bias")->box();
     std::string name = info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "";
-    const LinearPath paths[] = {LinearPath::kPlain, LinearPath::kKernel, LinearPath::kOneDnn, LinearPath::kKernelPrefetch};
-    const LinearPath* path_it = std::find_if(std::begin(paths), std::end(paths), [&](LinearPath p) { return name == LinearPathName(p); });
-    if (path_it == std::end(paths)) throw InvalidArgument("path", name, "'plain', 'kernel', 'onednn' or 'kernel-prefetch'");
-    const LinearPath path = *path_it;
+    LinearPath path;
+    if (!LinearPathFromName(name, &path)) throw InvalidArgument("path", name, "'plain', 'kernel', 'onednn' or 'kernel-prefetch'");
     return RunAsync<at::Tensor>(
         env, c10::Device(c10::kCPU),
         [x, w, b, path]() {

@@ -292,10 +292,14 @@ PolicyKey KeyOf(int64_t out, int64_t in, at::ScalarType dtype, int64_t rows) {
   return {out, in, static_cast<int>(dtype), RowsBucket(rows)};
 }
 
+PolicyKey KeyOf(const at::Tensor& x, const at::Tensor& weight) {
+  return KeyOf(weight.size(0), weight.size(1), weight.scalar_type(), x.numel() / x.size(-1));
+}
+
 // The path for this product; `timed` is set while the call is one of the online comparison's.
-LinearPath Decided(const at::Tensor& x, const at::Tensor& weight, bool* timed) {
+LinearPath Decided(const PolicyKey& key, bool* timed) {
   std::lock_guard<std::mutex> lock(policy_mutex);
-  auto it = Policy().find(KeyOf(weight.size(0), weight.size(1), weight.scalar_type(), x.numel() / x.size(-1)));
+  auto it = Policy().find(key);
   if (it == Policy().end()) return LinearPath::kPlain;
   PolicyEntry& e = it->second;
   if (!e.online) return e.path;
@@ -307,9 +311,9 @@ LinearPath Decided(const at::Tensor& x, const at::Tensor& weight, bool* timed) {
   return e.calls[0] <= e.calls[1] ? LinearPath::kKernel : LinearPath::kKernelPrefetch;
 }
 
-void RecordOnline(const at::Tensor& x, const at::Tensor& weight, LinearPath path, double ms) {
+void RecordOnline(const PolicyKey& key, LinearPath path, double ms) {
   std::lock_guard<std::mutex> lock(policy_mutex);
-  auto it = Policy().find(KeyOf(weight.size(0), weight.size(1), weight.scalar_type(), x.numel() / x.size(-1)));
+  auto it = Policy().find(key);
   if (it == Policy().end() || !it->second.online) return;  // re-decided meanwhile (another load)
   PolicyEntry& e = it->second;
   const int v = path == LinearPath::kKernelPrefetch ? 1 : 0;
@@ -342,6 +346,16 @@ const char* LinearPathName(LinearPath path) {
     case LinearPath::kPlain: return "plain";
   }
   return "plain";
+}
+
+bool LinearPathFromName(const std::string& name, LinearPath* path) {
+  for (LinearPath p : {LinearPath::kPlain, LinearPath::kKernel, LinearPath::kOneDnn, LinearPath::kKernelPrefetch}) {
+    if (name == LinearPathName(p)) {
+      *path = p;
+      return true;
+    }
+  }
+  return false;
 }
 
 bool OneDnnLinearAvailable() { return OneDnnLinearOp() != nullptr; }
@@ -431,12 +445,13 @@ at::Tensor LinearOnPath(LinearPath path, const at::Tensor& x, const at::Tensor& 
 
 at::Tensor Blip2Linear(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias) {
   if (!Eligible(x, weight, bias)) return at::linear(x, weight, bias);
+  const PolicyKey key = KeyOf(x, weight);
   bool timed = false;
-  const LinearPath path = Decided(x, weight, &timed);
+  const LinearPath path = Decided(key, &timed);
   if (!timed) return LinearOnPath(path, x, weight, bias);
   const auto start = std::chrono::steady_clock::now();
   at::Tensor y = LinearOnPath(path, x, weight, bias);
-  RecordOnline(x, weight, path, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
+  RecordOnline(key, path, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count());
   return y;
 }
 

@@ -46,6 +46,8 @@ const char* LinearKernelIsa();
 enum class LinearPath : int { kPlain = 0, kKernel = 1, kOneDnn = 2, kKernelPrefetch = 3 };
 // "plain" (at::linear), "kernel" (blip2::linear's own), "onednn", "kernel-prefetch".
 const char* LinearPathName(LinearPath path);
+// The path of that name; false for any other.
+bool LinearPathFromName(const std::string& name, LinearPath* path);
 
 struct LinearDecision {
   int64_t out_features = 0;
