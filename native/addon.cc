@@ -21,6 +21,7 @@
 #include "core/stats.h"
 #include "core/tensor.h"
 #include "image/preprocess.h"
+#include "kernels/attention.h"
 #include "kernels/linear.h"
 
 namespace blip2 {
@@ -141,6 +142,31 @@ Napi::Value LinearForTesting(const Napi::CallbackInfo& info) {
   });
 }
 
+// Tests only: a x (the first `positions` rows of the cache-like `b`, transposed for the scores)
+// through at::matmul ('plain') or the attention kernel ('kernel'), as the decode step reads the cache.
+Napi::Value AttentionMatmulForTesting(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return GuardJs(env, [&]() -> Napi::Value {
+    auto a = NativeTensor::FromValue(info[0], "a")->box();
+    auto b = NativeTensor::FromValue(info[1], "b")->box();
+    const bool transpose = info[2].ToBoolean();
+    const int64_t positions = info[3].IsNumber() ? info[3].As<Napi::Number>().Int64Value() : -1;
+    std::string name = info[4].IsString() ? info[4].As<Napi::String>().Utf8Value() : "";
+    if (name != "plain" && name != "kernel") throw InvalidArgument("path", name, "'plain' or 'kernel'");
+    return RunAsync<at::Tensor>(
+        env, c10::Device(c10::kCPU),
+        [a, b, transpose, positions, name]() {
+          at::Tensor rows = b->Get();
+          if (positions < 0 || positions > rows.size(-2))
+            throw InvalidArgument("positions", std::to_string(positions), "0 to b.size(-2) = " + std::to_string(rows.size(-2)));
+          rows = rows.narrow(-2, 0, positions);
+          if (transpose) rows = rows.transpose(-1, -2);
+          return name == "kernel" ? AttentionKernelMatmul(a->Get(), rows) : at::matmul(a->Get(), rows);
+        },
+        [](Napi::Env env, at::Tensor& out) -> Napi::Value { return NativeTensor::NewInstance(env, out); });
+  });
+}
+
 }  // namespace
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -177,6 +203,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("getNumThreads", Napi::Function::New(env, GetNumThreads, "getNumThreads"));
   exports.Set("shutdownForExit", Napi::Function::New(env, ShutdownForExit, "shutdownForExit"));
   exports.Set("linearForTesting", Napi::Function::New(env, LinearForTesting, "linearForTesting"));
+  exports.Set("attentionMatmulForTesting", Napi::Function::New(env, AttentionMatmulForTesting, "attentionMatmulForTesting"));
   exports.Set("preprocessImages", Napi::Function::New(env, image::PreprocessImages, "preprocessImages"));
   return exports;
 }

@@ -204,3 +204,142 @@ describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)',
     for (const model of [timed, forced, onednn, plain]) model.dispose();
   });
 });
+
+async function attentionMatmul(a: Tensor, b: Tensor, transpose: boolean, positions: number, path: 'plain' | 'kernel'): Promise<Float32Array> {
+  const out = Tensor.fromNative(await binding.attentionMatmulForTesting(Tensor.native(a, 'a'), Tensor.native(b, 'b'), transpose, positions, path));
+  const f32 = out.dtype === 'float32' ? out : await out.to({ dtype: 'float32' });
+  return (await f32.toArray()) as Float32Array;
+}
+
+describe('blip2::matmul, the CPU kernel for the cached attention\'s products (native/kernels/attention)', () => {
+  /** a [...batch, 1, K] and a cache-like b [...batch, maxPositions, D] in `dtype`, with their rounded values. */
+  async function cacheOperands(dtype: 'float32' | 'bfloat16' | 'float16', batch: number[], k: number, maxPositions: number, d: number) {
+    const count = batch.reduce((x, y) => x * y, 1);
+    const a = await Tensor.from(values(count * k, 3 + k), [...batch, 1, k]).to({ dtype });
+    const b = await Tensor.from(values(count * maxPositions * d, 9 + d), [...batch, maxPositions, d]).to({ dtype });
+    const [ar, br] = await Promise.all([a, b].map(async (t) => (await (await t.to({ dtype: 'float32' })).toArray()) as Float32Array));
+    return { a, b, ar, br, count };
+  }
+
+  it(`scores (q·Kᵀ) and values (p·V) equal the exact product and at::matmul over strided cache views, float32/bfloat16/float16, head dims with vector tails (${versions.linearKernel})`, async function () {
+    if (versions.linearKernel === 'none') this.skip();
+    for (const dtype of ['float32', 'bfloat16', 'float16'] as const) {
+      const ulp = dtype === 'float32' ? 0 : dtype === 'bfloat16' ? 2 ** -7 : 2 ** -10;
+      for (const batch of [[1, 12], [16, 12], [3, 5], [7]]) {
+        for (const headDim of [64, 80, 17, 8]) {
+          for (const positions of [1, 7, 16, 45, 150]) {
+            const maxPositions = positions + 13;
+            for (const product of ['scores', 'values'] as const) {
+              // scores: a = q [.., 1, D] times the first `positions` cached keys transposed;
+              // values: a = p [.., 1, positions] times the first `positions` cached values.
+              const k = product === 'scores' ? headDim : positions;
+              const n = product === 'scores' ? positions : headDim;
+              const { a, b, ar, br, count } = await cacheOperands(dtype, batch, k, maxPositions, headDim);
+              const ours = await attentionMatmul(a, b, product === 'scores', positions, 'kernel');
+              const ref = await attentionMatmul(a, b, product === 'scores', positions, 'plain');
+              assert.equal(ours.length, count * n);
+              const acc = 2e-5 * Math.sqrt(k);
+              let worstExact = 0;
+              let worstRef = 0;
+              for (let i = 0; i < count; i++) {
+                for (let j = 0; j < n; j++) {
+                  let e = 0;
+                  for (let t = 0; t < k; t++) {
+                    const bv = product === 'scores' ? br[(i * maxPositions + j) * headDim + t] : br[(i * maxPositions + t) * headDim + j];
+                    e += ar[i * k + t] * bv;
+                  }
+                  worstExact = Math.max(worstExact, Math.abs(ours[i * n + j] - e) / (acc + ulp * Math.abs(e)));
+                  worstRef = Math.max(worstRef, Math.abs(ours[i * n + j] - ref[i * n + j]) / (acc + 3 * ulp * Math.abs(e)));
+                }
+              }
+              const what = `${dtype} ${product} batch [${batch}] head dim ${headDim} positions ${positions}`;
+              assert.ok(worstExact <= 1, `${what}: off the exact product by ${worstExact.toFixed(2)}x the tolerance`);
+              assert.ok(worstRef <= 1, `${what}: off at::matmul by ${worstRef.toFixed(2)}x the tolerance`);
+            }
+          }
+        }
+      }
+    }
+  });
+
+  it('gives each batch the same bits whatever the batch count and the threads (a sequence decodes the same batched or alone)', async function () {
+    if (versions.linearKernel === 'none') this.skip();
+    const before = await getNumThreads();
+    try {
+      for (const product of ['scores', 'values'] as const) {
+        const headDim = 64;
+        const positions = 45;
+        const k = product === 'scores' ? headDim : positions;
+        const { a, b } = await cacheOperands('float32', [16, 12], k, 64, headDim);
+        const aAll = (await a.toArray()) as Float32Array;
+        const bAll = (await b.toArray()) as Float32Array;
+        await setNumThreads(2);
+        const all = await attentionMatmul(a, b, product === 'scores', positions, 'kernel');
+        await setNumThreads(1);
+        const allOne = await attentionMatmul(a, b, product === 'scores', positions, 'kernel');
+        assert.deepEqual(Buffer.from(allOne.buffer), Buffer.from(all.buffer), `${product}: one thread against two`);
+        await setNumThreads(2);
+        // Sequence 5 alone (its 12 heads).
+        const a5 = Tensor.from(aAll.slice(5 * 12 * k, 6 * 12 * k), [1, 12, 1, k]);
+        const b5 = Tensor.from(bAll.slice(5 * 12 * 64 * headDim, 6 * 12 * 64 * headDim), [1, 12, 64, headDim]);
+        const alone = await attentionMatmul(a5, b5, product === 'scores', positions, 'kernel');
+        const n = product === 'scores' ? positions : headDim;
+        assert.deepEqual(Array.from(alone), Array.from(all.slice(5 * 12 * n, 6 * 12 * n)), `${product}: sequence 5 alone against batched`);
+      }
+    } finally {
+      await setNumThreads(before);
+    }
+  });
+
+  it('rejects what it does not apply to (the operator then calls at::matmul), and an unknown path in the test binding', async function () {
+    if (versions.linearKernel === 'none') this.skip();
+    const two = Tensor.from(values(2 * 2 * 8, 1), [2, 2, 8]);  // two query rows per batch
+    const cache = Tensor.from(values(2 * 16 * 8, 2), [2, 16, 8]);
+    await assert.rejects(attentionMatmul(two, cache, true, 2, 'kernel'), /does not apply/);
+    assert.equal((await attentionMatmul(two, cache, true, 16, 'plain')).length, 2 * 2 * 16);
+    await assert.rejects(attentionMatmul(two, cache, true, 2, 'fast' as never), /path.*fast.*'plain' or 'kernel'/s);
+    await assert.rejects(attentionMatmul(two, cache, true, 17, 'plain'), /positions.*17/s);
+  });
+
+  it('is chosen at load per product by timing both on cache-shaped tensors; greedy tokens with it forced equal the plain path', async function () {
+    const modelDir = smallModel();
+    const timed = await Blip2ForConditionalGeneration.fromPretrained(modelDir);
+    const decisions = timed.attentionKernels;
+    assert.deepEqual(decisions.map((d) => d.product), ['scores', 'values']);
+    for (const d of decisions) {
+      assert.equal(d.dtype, 'float32');
+      assert.equal(d.headDim, timed.manifest.language_model.head_dim);
+      if (versions.linearKernel === 'none') {
+        assert.equal(d.path, 'plain');
+        continue;
+      }
+      for (const rows of [1, 16] as const) assert.ok(d.plainMs[rows] > 0 && d.kernelMs[rows] > 0, JSON.stringify(d));
+      const wins = d.kernelMs[1] <= d.plainMs[1] && d.kernelMs[16] <= d.plainMs[16];
+      assert.equal(d.path, wins ? 'kernel' : 'plain', JSON.stringify(d));
+    }
+    const load = async (mode: string) => {
+      process.env.BLIP2_LINEAR_KERNEL = mode;
+      try {
+        return await Blip2ForConditionalGeneration.fromPretrained(modelDir);
+      } finally {
+        delete process.env.BLIP2_LINEAR_KERNEL;
+      }
+    };
+    const forced = await load('on');
+    const plain = await load('off');
+    assert.deepEqual(plain.attentionKernels, []);
+    if (versions.linearKernel !== 'none') assert.ok(forced.attentionKernels.every((d) => d.path === 'kernel'), JSON.stringify(forced.attentionKernels));
+    const pixels = Tensor.from(new Float32Array(3 * 56 * 56).map((_, i) => Math.cos(i * 0.21)), [1, 3, 56, 56]);
+    const prompt = [...Array(8).fill(timed.manifest.image_token_index), 2, 40, 41, 42];
+    const reference = await referenceGreedy(plain, pixels, prompt, 24);
+    // Alone and as 3 rows of one call, whose decode steps attend 3 slots at once.
+    const three = Tensor.from(new Float32Array(3 * 3 * 56 * 56).map((_, i) => Math.cos((i % (3 * 56 * 56)) * 0.21)), [3, 3, 56, 56]);
+    for (const model of [forced, timed]) {
+      const alone = (await rowsOf(await model.generate({ pixelValues: pixels, inputIds: ids([prompt]) }, { maxNewTokens: 24, eosTokenId: [] })))[0];
+      assert.deepEqual(alone.slice(prompt.length), reference);
+      const rows = await rowsOf(await model.generate({ pixelValues: three, inputIds: ids([prompt, prompt, prompt]) }, { maxNewTokens: 24, eosTokenId: [] }));
+      for (const row of rows) assert.deepEqual(row.slice(prompt.length), reference);
+    }
+    for (const model of [timed, forced, plain]) await model.dispose();
+  });
+});

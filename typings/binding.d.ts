@@ -240,10 +240,25 @@ export interface NativeLinearDecision {
 
 export type LinearPathName = 'plain' | 'kernel' | 'onednn' | 'kernel-prefetch';
 
+/** What the load-time timing chose for one of the language model's attention products over the KV cache. */
+export interface NativeAttentionDecision {
+  /** 'scores': a query row times the cached keys (q · Kᵀ); 'values': the probabilities times the cached values. */
+  product: 'scores' | 'values';
+  dtype: NativeDType;
+  headDim: number;
+  /** Milliseconds per product of 1 and of 16 rows (every head, 64 cached positions): at::matmul and the
+   * runtime's kernel (0 when not timed or it cannot run here). */
+  plainMs: { 1: number; 16: number };
+  kernelMs: { 1: number; 16: number };
+  /** 'kernel' where it was at least as fast at both row counts (or BLIP2_LINEAR_KERNEL=on), else 'plain'. */
+  path: 'plain' | 'kernel';
+}
+
 export interface NativeBlip2Model {
   readonly device: string;
   readonly dtype: NativeDType;
   readonly linearKernels: NativeLinearDecision[];
+  readonly attentionKernels: NativeAttentionDecision[];
   /** pixel values → language_model_inputs [B, Q, E] (vision model, Q-Former, projection). */
   encodeImages(pixelValues: NativeTensor, cancelToken?: NativeCancelToken): Promise<NativeTensor>;
   /** Hugging Face's forward: logits [B, T (+Q for inputs without <image> tokens), V] float32. */
@@ -334,6 +349,8 @@ export interface NativeBinding {
   shutdownForExit(): void;
   /** Tests only: x·weightᵀ + bias through one CPU path: blip2::linear's kernel, oneDNN's matmul or at::linear ('plain'). */
   linearForTesting(x: NativeTensor, weight: NativeTensor, bias: NativeTensor | null, path: LinearPathName): Promise<NativeTensor>;
+  /** Tests only: a × (the first `positions` rows of `b`, transposed when `transpose`) by at::matmul or the attention kernel. */
+  attentionMatmulForTesting(a: NativeTensor, b: NativeTensor, transpose: boolean, positions: number, path: 'plain' | 'kernel'): Promise<NativeTensor>;
   getNumThreads(): Promise<number>;
   /**
    * BlipImageProcessor's pixel pipeline: convert("RGB") (alpha dropped) and PIL-exact resize on a CPU pool,

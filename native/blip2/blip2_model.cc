@@ -108,6 +108,7 @@ Napi::Function NativeBlip2Model::Init(Napi::Env env) {
                       InstanceAccessor<&NativeBlip2Model::GetDevice>("device"),
                       InstanceAccessor<&NativeBlip2Model::GetDType>("dtype"),
                       InstanceAccessor<&NativeBlip2Model::GetLinearKernels>("linearKernels"),
+                      InstanceAccessor<&NativeBlip2Model::GetAttentionKernels>("attentionKernels"),
                       InstanceMethod<&NativeBlip2Model::GetStats>("stats"),
                       InstanceMethod<&NativeBlip2Model::Modules>("modules")});
 }
@@ -122,6 +123,7 @@ NativeBlip2Model::NativeBlip2Model(const Napi::CallbackInfo& info) : Napi::Objec
   device_ = DeviceName(runtime_->spec().device);
   dtype_ = DTypeName(runtime_->spec().dtype);
   linear_decisions_ = runtime_->linear_decisions();
+  attention_decisions_ = runtime_->attention_decisions();
 }
 
 const std::shared_ptr<Blip2Runtime>& NativeBlip2Model::Require() const {
@@ -326,6 +328,28 @@ Napi::Value NativeBlip2Model::GetLinearKernels(const Napi::CallbackInfo& info) {
     o.Set("kernelMs", d.kernel_ms);
     o.Set("onednnMs", d.onednn_ms);
     o.Set("path", LinearPathName(CurrentLinearPath(d)));
+    out.Set(i++, o);
+  }
+  return out;
+}
+
+Napi::Value NativeBlip2Model::GetAttentionKernels(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Array out = Napi::Array::New(env);
+  uint32_t i = 0;
+  for (const AttentionDecision& d : attention_decisions_) {
+    Napi::Object o = Napi::Object::New(env);
+    o.Set("product", AttentionProductName(d.product));
+    o.Set("dtype", DTypeName(d.dtype));
+    o.Set("headDim", static_cast<double>(d.head_dim));
+    Napi::Object plain = Napi::Object::New(env), kernel = Napi::Object::New(env);
+    plain.Set("1", d.plain_ms_1);
+    plain.Set("16", d.plain_ms_16);
+    kernel.Set("1", d.kernel_ms_1);
+    kernel.Set("16", d.kernel_ms_16);
+    o.Set("plainMs", plain);
+    o.Set("kernelMs", kernel);
+    o.Set("path", d.kernel ? "kernel" : "plain");
     out.Set(i++, o);
   }
   return out;

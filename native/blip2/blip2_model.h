@@ -24,6 +24,7 @@ class NativeBlip2Model : public Napi::ObjectWrap<NativeBlip2Model> {
   Napi::Value GetDevice(const Napi::CallbackInfo& info);
   Napi::Value GetDType(const Napi::CallbackInfo& info);
   Napi::Value GetLinearKernels(const Napi::CallbackInfo& info);
+  Napi::Value GetAttentionKernels(const Napi::CallbackInfo& info);
   Napi::Value GetStats(const Napi::CallbackInfo& info);
   Napi::Value Modules(const Napi::CallbackInfo& info);
   const std::shared_ptr<Blip2Runtime>& Require() const;
@@ -33,6 +34,7 @@ class NativeBlip2Model : public Napi::ObjectWrap<NativeBlip2Model> {
   std::string device_;  // kept after dispose
   std::string dtype_;
   std::vector<LinearDecision> linear_decisions_;
+  std::vector<AttentionDecision> attention_decisions_;
 };
 
 }  // namespace blip2

@@ -67,11 +67,11 @@ std::shared_ptr<Blip2Runtime> Blip2Runtime::Load(const ModelSpec& spec, std::fun
   }
   SetFusedAttention(image_encoder->module, spec.fused_attention, spec.image_encoder.path);
   auto runtime = std::shared_ptr<Blip2Runtime>(new Blip2Runtime(spec, std::move(image_encoder), std::move(language_model)));
-  runtime->ChooseLinearKernels();
+  runtime->ChooseCpuKernels();
   return runtime;
 }
 
-void Blip2Runtime::ChooseLinearKernels() {
+void Blip2Runtime::ChooseCpuKernels() {
   // BLIP2_LINEAR_KERNEL: auto (default: timed here, on this machine), on or onednn (tests: that
   // path wherever it runs), off (at::linear only, the plain path).
   const char* env = std::getenv("BLIP2_LINEAR_KERNEL");
@@ -89,11 +89,21 @@ void Blip2Runtime::ChooseLinearKernels() {
   linear_decisions_ = DecideLinearKernels(matrices, kernel_mode);
   bool any = std::any_of(linear_decisions_.begin(), linear_decisions_.end(),
                          [](const LinearDecision& d) { return d.path != LinearPath::kPlain; });
-  if (!any) return;
-  // Every method: the decode step, the prefill (OPT's forward_cached, T5's encode and cross-cache
-  // fill), full forwards and the image encoder all multiply by these weights.
-  for (LoadedModule* module : {image_encoder_.get(), language_model_.get()}) {
-    for (const auto& [method, schema] : module->methods) UseBlip2Linear(module->module, method);
+  if (any) {
+    // Every method: the decode step, the prefill (OPT's forward_cached, T5's encode and cross-cache
+    // fill), full forwards and the image encoder all multiply by these weights.
+    for (LoadedModule* module : {image_encoder_.get(), language_model_.get()}) {
+      for (const auto& [method, schema] : module->methods) UseBlip2Linear(module->module, method);
+    }
+  }
+  // The language model's attention over the cache: one query row per sequence and head in decode
+  // steps (OPT's decode, T5's decoder self- and cross-attention). BLIP2_ATTENTION_KERNEL=off keeps
+  // at::matmul there alone (benchmarks compare the two in one process).
+  const char* attention_env = std::getenv("BLIP2_ATTENTION_KERNEL");
+  if (attention_env && std::string(attention_env) == "off") return;
+  attention_decisions_ = DecideAttentionKernels(spec_.dtype, spec_.num_heads, spec_.head_dim, kernel_mode);
+  if (std::any_of(attention_decisions_.begin(), attention_decisions_.end(), [](const AttentionDecision& d) { return d.kernel; })) {
+    for (const auto& [method, schema] : language_model_->methods) UseBlip2Matmul(language_model_->module, method);
   }
 }
 

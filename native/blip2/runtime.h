@@ -13,6 +13,7 @@
 #include "core/device_transfer.h"
 #include "core/script_module.h"
 #include "core/torch_includes.h"
+#include "kernels/attention.h"
 #include "kernels/linear.h"
 
 namespace blip2 {
@@ -35,6 +36,8 @@ class Blip2Runtime {
   const std::shared_ptr<LoadedModule>& language_model() const { return language_model_; }
   // What the load-time timing chose for the language model's products (kernels/linear.h).
   const std::vector<LinearDecision>& linear_decisions() const { return linear_decisions_; }
+  // And for its attention's products over the KV cache (kernels/attention.h).
+  const std::vector<AttentionDecision>& attention_decisions() const { return attention_decisions_; }
 
   // pixel_values [B,3,H,W] (any float dtype, any device) → language_model_inputs [B,Q,E].
   at::Tensor EncodeImages(const at::Tensor& pixel_values);
@@ -65,7 +68,7 @@ class Blip2Runtime {
  private:
   Blip2Runtime(ModelSpec spec, std::shared_ptr<LoadedModule> image_encoder, std::shared_ptr<LoadedModule> language_model);
   at::Tensor EmbedTokens(const at::Tensor& input_ids_cpu);
-  void ChooseLinearKernels();
+  void ChooseCpuKernels();
   // Counts of <image> tokens per row; throws unless each is 0 or num_query_tokens.
   std::vector<int64_t> ImageTokenCounts(const at::Tensor& input_ids) const;
 
@@ -79,6 +82,7 @@ class Blip2Runtime {
   std::optional<torch::jit::Method> encode_;            // T5
   std::optional<torch::jit::Method> fill_cross_cache_;  // T5
   std::vector<LinearDecision> linear_decisions_;
+  std::vector<AttentionDecision> attention_decisions_;
 };
 
 

@@ -1,4 +1,6 @@
 #include "kernels/linear.h"
+#include "kernels/rewrite.h"
+#include "kernels/simd.h"
 
 #include <immintrin.h>
 
@@ -11,75 +13,15 @@
 #include <mutex>
 #include <tuple>
 
-#include <torch/csrc/jit/ir/ir.h>
-#include <torch/csrc/jit/passes/inliner.h>
-#include <torch/csrc/jit/passes/subgraph_rewrite.h>
-#include <torch/csrc/jit/runtime/graph_executor.h>
 #include <torch/library.h>
 
 namespace blip2 {
 
 namespace {
 
-enum class Isa { kNone, kAvx2, kAvx512 };
-
-Isa DetectIsa() {
-  __builtin_cpu_init();
-  const bool avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-  // BLIP2_LINEAR_ISA=avx2 (tests): the AVX2 kernels on an AVX-512 machine.
-  const char* forced = std::getenv("BLIP2_LINEAR_ISA");
-  if (forced && std::string(forced) == "avx2" && avx2) return Isa::kAvx2;
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw")) return Isa::kAvx512;
-  if (avx2) return Isa::kAvx2;
-  return Isa::kNone;
-}
-
-const Isa kIsa = DetectIsa();
-
 // ---------------------------------------------------------------------------------- kernels
 // y[m, o] = sum_k x[m, k] * w[o, k] for o in [o_begin, o_end), four weight rows at a time so
 // each x vector load feeds four FMAs; weights are converted to float32 in registers.
-
-template <typename W>
-struct Load512;
-template <>
-struct Load512<float> {
-  __attribute__((target("avx512f"))) static __m512 At(const float* p) { return _mm512_loadu_ps(p); }
-  static float Scalar(const float* p) { return *p; }
-};
-template <>
-struct Load512<at::BFloat16> {
-  __attribute__((target("avx512f,avx512bw"))) static __m512 At(const at::BFloat16* p) {
-    __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-    return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
-  }
-  static float Scalar(const at::BFloat16* p) { return static_cast<float>(*p); }
-};
-template <>
-struct Load512<at::Half> {
-  __attribute__((target("avx512f"))) static __m512 At(const at::Half* p) {
-    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  }
-  static float Scalar(const at::Half* p) { return static_cast<float>(*p); }
-};
-
-// The 16 horizontal sums of v[0..15] as the 16 lanes of one vector: a transpose-and-add tree
-// (~45 instructions where 16 separate reductions take ~160), which matters once the x rows make
-// the kernel arithmetic-bound.
-__attribute__((target("avx512f"))) inline __m512 Sum16(const __m512* v) {
-  __m512 a[8];
-  for (int i = 0; i < 8; ++i)
-    a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
-  __m512 b[4];  // per 128-bit lane: the lane's partial sums of v[4i..4i+3]
-  for (int i = 0; i < 4; ++i) {
-    __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
-    __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(a[2 * i]), _mm512_castps_pd(a[2 * i + 1]));
-    b[i] = _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi));
-  }
-  __m512 d01 = _mm512_add_ps(_mm512_shuffle_f32x4(b[0], b[1], 0x88), _mm512_shuffle_f32x4(b[0], b[1], 0xDD));
-  __m512 d23 = _mm512_add_ps(_mm512_shuffle_f32x4(b[2], b[3], 0x88), _mm512_shuffle_f32x4(b[2], b[3], 0xDD));
-  return _mm512_add_ps(_mm512_shuffle_f32x4(d01, d23, 0x88), _mm512_shuffle_f32x4(d01, d23, 0xDD));
-}
 
 // y[m * n + o] (+)= sum_{k < kc} x[m * ld + k] * w[o * ld + k] for M rows of x and o in
 // [o_begin, o_end). x and w point at the first k of this block of columns; `ld` is the row stride
@@ -132,33 +74,6 @@ __attribute__((target("avx512f,avx512bw,fma"))) void Rows512(const W* w, const f
       if (bias) out += bias[o];
     }
   }
-}
-
-template <typename W>
-struct Load256;
-template <>
-struct Load256<float> {
-  __attribute__((target("avx2"))) static __m256 At(const float* p) { return _mm256_loadu_ps(p); }
-};
-template <>
-struct Load256<at::BFloat16> {
-  __attribute__((target("avx2"))) static __m256 At(const at::BFloat16* p) {
-    __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-    return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
-  }
-};
-template <>
-struct Load256<at::Half> {
-  __attribute__((target("avx2,f16c"))) static __m256 At(const at::Half* p) {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  }
-};
-
-__attribute__((target("avx2"))) inline float Sum256(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-  s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-  return _mm_cvtss_f32(s);
 }
 
 template <typename W, int M, bool Prefetch>
@@ -219,7 +134,7 @@ void RunRows(const W* w, const float* x, int64_t rows, int64_t k_len, int64_t o_
   auto tile = [&](auto m_const, int64_t m, int64_t k0, int64_t kc, int64_t ob, int64_t oe) {
     constexpr int M = decltype(m_const)::value;
     const float* b = k0 + kc == k_len ? bias : nullptr;
-    if (kIsa == Isa::kAvx512) {
+    if (CpuIsa() == Isa::kAvx512) {
       (prefetch ? Rows512<W, M, true> : Rows512<W, M, false>)(w + k0, x + m * k_len + k0, k_len, kc, ob, oe, y + m * n, n, k0 > 0, b);
     } else {
       (prefetch ? Rows256<W, M, true> : Rows256<W, M, false>)(w + k0, x + m * k_len + k0, k_len, kc, ob, oe, y + m * n, n, k0 > 0, b);
@@ -375,7 +290,7 @@ at::Tensor OneDnnLinear(const at::Tensor& x, const at::Tensor& weight, const c10
 }
 
 const char* LinearKernelIsa() {
-  switch (kIsa) {
+  switch (CpuIsa()) {
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     case Isa::kNone: return "none";
@@ -457,7 +372,7 @@ at::Tensor Blip2Linear(const at::Tensor& x, const at::Tensor& weight, const c10:
 
 std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& weights, LinearKernelMode mode) {
   std::vector<LinearDecision> decisions;
-  if (kIsa == Isa::kNone && !OneDnnLinearAvailable()) return decisions;
+  if (CpuIsa() == Isa::kNone && !OneDnnLinearAvailable()) return decisions;
   // Group the model's weights by shape and dtype; time a sweep over several of them (as a decode
   // step reads them, mostly from memory rather than cache).
   std::map<std::tuple<int64_t, int64_t, int>, std::vector<at::Tensor>> groups;
@@ -508,7 +423,7 @@ std::vector<LinearDecision> DecideLinearKernels(const std::vector<at::Tensor>& w
       };
       // Which paths run here: the kernel needs AVX2; oneDNN may lack the ISA a dtype needs (it
       // throws then, e.g. float16 without AVX512-FP16 on some builds), found on its first call.
-      bool runs[kPaths] = {true, kIsa != Isa::kNone, OneDnnLinearAvailable()};
+      bool runs[kPaths] = {true, CpuIsa() != Isa::kNone, OneDnnLinearAvailable()};
       if (mode == LinearKernelMode::kAuto || mode == LinearKernelMode::kOneDnn) {
         if (runs[2]) {
           try {
@@ -579,27 +494,7 @@ LinearPath CurrentLinearPath(const LinearDecision& d) {
 }
 
 int UseBlip2Linear(torch::jit::Module& module, const std::string& method) {
-  std::shared_ptr<torch::jit::Graph> graph = torch::jit::toGraphFunction(module.get_method(method).function()).graph();
-  {
-    // Inline() takes callees' optimized graphs, which are only inlined themselves while graph
-    // optimisation is on (we run with it off; see executor.cc).
-    torch::jit::GraphOptimizerEnabledGuard optimize(true);
-    torch::jit::Inline(*graph);
-  }
-  torch::jit::SubgraphRewriter rewriter;
-  rewriter.RegisterRewritePattern(R"IR(
-graph(%x, %w, %b):
-  %r = aten::linear(%x, %w, %b)
-  return (%r))IR",
-                                  R"IR(
-graph(%x, %w, %b):
-  %r = blip2::linear(%x, %w, %b)
-  return (%r))IR");
-  rewriter.runOnGraph(graph);
-  std::string text = graph->toString(false);
-  int rewritten = 0;
-  for (size_t at = text.find("blip2::linear("); at != std::string::npos; at = text.find("blip2::linear(", at + 1)) ++rewritten;
-  return rewritten;
+  return RewriteOperator(module, method, "aten::linear", "blip2::linear", 3);
 }
 
 }  // namespace blip2

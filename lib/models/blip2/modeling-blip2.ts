@@ -1,6 +1,6 @@
 // Blip2ForConditionalGeneration (OPT language models): captioning and visual question answering.
 import type {
-  NativeBlip2Model, NativeCancelToken, NativeDType, NativeLinearDecision, NativeModelStats, NativeStepEvent,
+  NativeBlip2Model, NativeCancelToken, NativeDType, NativeAttentionDecision, NativeLinearDecision, NativeModelStats, NativeStepEvent,
 } from '../../../typings/binding';
 import { AbortError, DTypeError, DisposedError, InternalError, InvalidArgumentError, ModelLoadError, ShapeError } from '../../errors';
 import { type GenerateOptions, type GenerationStep, resolveGenerateOptions } from '../../generation/options';
@@ -168,6 +168,16 @@ export class Blip2ForConditionalGeneration {
    */
   get linearKernels(): NativeLinearDecision[] {
     return this.#native.linearKernels;
+  }
+
+  /**
+   * What the load-time timing chose for the language model's two attention products over the KV
+   * cache in decode steps (one query row per sequence and head): at::matmul ('plain') or the
+   * runtime's kernel, which reads the cached keys and values once at full speed ('kernel'), with
+   * both times at 1 and 16 rows (empty on other devices or with BLIP2_LINEAR_KERNEL=off).
+   */
+  get attentionKernels(): NativeAttentionDecision[] {
+    return this.#native.attentionKernels;
   }
 
   /** Query embeddings in the language model's space, [B, num_query_tokens, hidden] (vision → Q-Former → projection). */
