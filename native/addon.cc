@@ -167,6 +167,32 @@ Napi::Value AttentionMatmulForTesting(const Napi::CallbackInfo& info) {
   });
 }
 
+// Tests only: a copy of `self` after self.index_copy_(0, index, source) by libtorch ('plain') or
+// the runtime's cache-write kernel ('kernel').
+Napi::Value CacheWriteForTesting(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return GuardJs(env, [&]() -> Napi::Value {
+    auto self = NativeTensor::FromValue(info[0], "self")->box();
+    auto index = NativeTensor::FromValue(info[1], "index")->box();
+    auto source = NativeTensor::FromValue(info[2], "source")->box();
+    std::string name = info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "";
+    if (name != "plain" && name != "kernel") throw InvalidArgument("path", name, "'plain' or 'kernel'");
+    return RunAsync<at::Tensor>(
+        env, c10::Device(c10::kCPU),
+        [self, index, source, name]() {
+          at::Tensor out = self->Get().clone();
+          if (name == "kernel") {
+            TORCH_CHECK(CacheWriteKernelApplies(out, 0, index->Get(), source->Get()), "the cache-write kernel does not apply");
+            Blip2IndexCopy(out, 0, index->Get(), source->Get());
+          } else {
+            out.index_copy_(0, index->Get(), source->Get());
+          }
+          return out;
+        },
+        [](Napi::Env env, at::Tensor& out) -> Napi::Value { return NativeTensor::NewInstance(env, out); });
+  });
+}
+
 }  // namespace
 
 Napi::Object Init(Napi::Env env, Napi::Object exports) {
@@ -204,6 +230,7 @@ Napi::Object Init(Napi::Env env, Napi::Object exports) {
   exports.Set("shutdownForExit", Napi::Function::New(env, ShutdownForExit, "shutdownForExit"));
   exports.Set("linearForTesting", Napi::Function::New(env, LinearForTesting, "linearForTesting"));
   exports.Set("attentionMatmulForTesting", Napi::Function::New(env, AttentionMatmulForTesting, "attentionMatmulForTesting"));
+  exports.Set("cacheWriteForTesting", Napi::Function::New(env, CacheWriteForTesting, "cacheWriteForTesting"));
   exports.Set("preprocessImages", Napi::Function::New(env, image::PreprocessImages, "preprocessImages"));
   return exports;
 }

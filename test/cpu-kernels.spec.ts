@@ -291,6 +291,28 @@ describe('blip2::matmul, the CPU kernel for the cached attention\'s products (na
     }
   });
 
+  it('writes the cache as index_copy_ does (the same bits, float32/bfloat16/float16), and rejects an index out of bounds', async () => {
+    const write = async (self: Tensor, index: Tensor, source: Tensor, path: 'plain' | 'kernel') =>
+      Tensor.fromNative(await binding.cacheWriteForTesting(Tensor.native(self, 'self'), Tensor.native(index, 'index'), Tensor.native(source, 'source'), path));
+    const bits = async (t: Tensor) => Buffer.from(((await t.toArray()) as Float32Array | Uint16Array).buffer);
+    for (const dtype of ['float32', 'bfloat16', 'float16'] as const) {
+      for (const [rows, width, n] of [[6144, 64, 192], [640, 80, 32], [50, 17, 7], [10, 1, 3]]) {
+        const self = await Tensor.from(values(rows * width, 4), [rows, width]).to({ dtype });
+        const source = await Tensor.from(values(n * width, 6 + n), [n, width]).to({ dtype });
+        // Distinct, unordered rows (as the slots' positions are), the last one included.
+        const index = Tensor.from(BigInt64Array.from({ length: n }, (_, i) => BigInt((i * 7919 + (i === 0 ? rows - 1 : 0)) % rows)), [n]);
+        const ours = await write(self, index, source, 'kernel');
+        const ref = await write(self, index, source, 'plain');
+        assert.equal(ours.dtype, dtype);
+        assert.deepEqual(await bits(ours), await bits(ref), `${dtype} [${rows}, ${width}] <- ${n} rows`);
+      }
+    }
+    const self = Tensor.from(new Float32Array(4 * 8), [4, 8]);
+    const source = Tensor.from(new Float32Array(2 * 8).fill(1), [2, 8]);
+    await assert.rejects(write(self, Tensor.from(BigInt64Array.from([1n, 4n]), [2]), source, 'kernel'), /index 4 is out of bounds for dimension 0 with size 4/);
+    await assert.rejects(write(self, Tensor.from(BigInt64Array.from([-1n, 0n]), [2]), source, 'kernel'), /index -1 is out of bounds/);
+  });
+
   it('rejects what it does not apply to (the operator then calls at::matmul), and an unknown path in the test binding', async function () {
     if (versions.linearKernel === 'none') this.skip();
     const two = Tensor.from(values(2 * 2 * 8, 1), [2, 2, 8]);  // two query rows per batch
@@ -305,7 +327,7 @@ describe('blip2::matmul, the CPU kernel for the cached attention\'s products (na
     const modelDir = smallModel();
     const timed = await Blip2ForConditionalGeneration.fromPretrained(modelDir);
     const decisions = timed.attentionKernels;
-    assert.deepEqual(decisions.map((d) => d.product), ['scores', 'values']);
+    assert.deepEqual(decisions.map((d) => d.product), ['scores', 'values', 'cache-write']);
     for (const d of decisions) {
       assert.equal(d.dtype, 'float32');
       assert.equal(d.headDim, timed.manifest.language_model.head_dim);

@@ -240,14 +240,15 @@ export interface NativeLinearDecision {
 
 export type LinearPathName = 'plain' | 'kernel' | 'onednn' | 'kernel-prefetch';
 
-/** What the load-time timing chose for one of the language model's attention products over the KV cache. */
+/** What the load-time timing chose for one of the language model's attention operations on the KV cache. */
 export interface NativeAttentionDecision {
-  /** 'scores': a query row times the cached keys (q · Kᵀ); 'values': the probabilities times the cached values. */
-  product: 'scores' | 'values';
+  /** 'scores': a query row times the cached keys (q · Kᵀ); 'values': the probabilities times the cached values;
+   * 'cache-write': the new keys and values copied into the cache (index_copy_). */
+  product: 'scores' | 'values' | 'cache-write';
   dtype: NativeDType;
   headDim: number;
-  /** Milliseconds per product of 1 and of 16 rows (every head, 64 cached positions): at::matmul and the
-   * runtime's kernel (0 when not timed or it cannot run here). */
+  /** Milliseconds per call for 1 and 16 rows (every head, 64 cached positions): libtorch's (at::matmul,
+   * index_copy_) and the runtime's kernel (0 when not timed or it cannot run here). */
   plainMs: { 1: number; 16: number };
   kernelMs: { 1: number; 16: number };
   /** 'kernel' where it was at least as fast at both row counts (or BLIP2_LINEAR_KERNEL=on), else 'plain'. */
@@ -351,6 +352,8 @@ export interface NativeBinding {
   linearForTesting(x: NativeTensor, weight: NativeTensor, bias: NativeTensor | null, path: LinearPathName): Promise<NativeTensor>;
   /** Tests only: a × (the first `positions` rows of `b`, transposed when `transpose`) by at::matmul or the attention kernel. */
   attentionMatmulForTesting(a: NativeTensor, b: NativeTensor, transpose: boolean, positions: number, path: 'plain' | 'kernel'): Promise<NativeTensor>;
+  /** Tests only: a copy of `self` after self.index_copy_(0, index, source) by libtorch or the cache-write kernel. */
+  cacheWriteForTesting(self: NativeTensor, index: NativeTensor, source: NativeTensor, path: 'plain' | 'kernel'): Promise<NativeTensor>;
   getNumThreads(): Promise<number>;
   /**
    * BlipImageProcessor's pixel pipeline: convert("RGB") (alpha dropped) and PIL-exact resize on a CPU pool,

@@ -102,9 +102,7 @@ void Blip2Runtime::ChooseCpuKernels() {
   const char* attention_env = std::getenv("BLIP2_ATTENTION_KERNEL");
   if (attention_env && std::string(attention_env) == "off") return;
   attention_decisions_ = DecideAttentionKernels(spec_.dtype, spec_.num_heads, spec_.head_dim, kernel_mode);
-  if (std::any_of(attention_decisions_.begin(), attention_decisions_.end(), [](const AttentionDecision& d) { return d.kernel; })) {
-    for (const auto& [method, schema] : language_model_->methods) UseBlip2Matmul(language_model_->module, method);
-  }
+  for (const auto& [method, schema] : language_model_->methods) UseAttentionKernels(language_model_->module, method, attention_decisions_);
 }
 
 at::Tensor Blip2Runtime::EncodeImages(const at::Tensor& pixel_values) {

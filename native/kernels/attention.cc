@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <cstring>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -209,7 +210,33 @@ double TimeMs(F&& f) {
 }  // namespace
 
 const char* AttentionProductName(AttentionProduct product) {
-  return product == AttentionProduct::kScores ? "scores" : "values";
+  switch (product) {
+    case AttentionProduct::kScores: return "scores";
+    case AttentionProduct::kValues: return "values";
+    case AttentionProduct::kCacheWrite: return "cache-write";
+  }
+  return "scores";
+}
+
+bool CacheWriteKernelApplies(const at::Tensor& self, int64_t dim, const at::Tensor& index, const at::Tensor& source) {
+  return dim == 0 && self.device().is_cpu() && source.device().is_cpu() && index.device().is_cpu() && self.dim() == 2 &&
+         source.dim() == 2 && index.dim() == 1 && index.scalar_type() == at::kLong && source.scalar_type() == self.scalar_type() &&
+         self.size(1) == source.size(1) && index.numel() == source.size(0) && (self.stride(1) == 1 || self.size(1) <= 1) &&
+         (source.stride(1) == 1 || source.size(1) <= 1) && index.is_contiguous() && !self.requires_grad() && !source.requires_grad();
+}
+
+at::Tensor& Blip2IndexCopy(at::Tensor& self, int64_t dim, const at::Tensor& index, const at::Tensor& source) {
+  if (!CacheWriteKernelApplies(self, dim, index, source)) return self.index_copy_(dim, index, source);
+  const int64_t rows = self.size(0), n = index.numel();
+  const int64_t row_bytes = self.size(1) * static_cast<int64_t>(self.element_size());
+  const int64_t* idx = index.const_data_ptr<int64_t>();
+  for (int64_t i = 0; i < n; ++i)
+    TORCH_CHECK_INDEX(idx[i] >= 0 && idx[i] < rows, "index_copy_(): index ", idx[i], " is out of bounds for dimension 0 with size ", rows);
+  char* dst = static_cast<char*>(self.data_ptr());
+  const char* src = static_cast<const char*>(source.const_data_ptr());
+  const int64_t dst_stride = self.stride(0) * self.element_size(), src_stride = source.stride(0) * source.element_size();
+  for (int64_t i = 0; i < n; ++i) std::memcpy(dst + idx[i] * dst_stride, src + i * src_stride, row_bytes);
+  return self;
 }
 
 bool AttentionKernelApplies(const at::Tensor& a, const at::Tensor& b, AttentionProduct* product) {
@@ -294,15 +321,52 @@ std::vector<AttentionDecision> DecideAttentionKernels(at::ScalarType dtype, int6
     }
     decisions.push_back(d);
   }
+  {
+    // The writes of one decode step's new keys (or values): rows x heads rows of head_dim into the
+    // [slots x heads x max positions, head_dim] view of one layer's cache.
+    AttentionDecision d;
+    d.product = AttentionProduct::kCacheWrite;
+    d.dtype = dtype;
+    d.head_dim = head_dim;
+    for (int64_t rows : {int64_t{1}, int64_t{16}}) {
+      at::Tensor cache = at::zeros({16 * heads * kMaxPositions, head_dim}, at::TensorOptions().dtype(dtype));
+      at::Tensor source = at::randn({rows * heads, head_dim}).to(dtype);
+      at::Tensor index = at::arange(rows * heads, at::kLong).mul_(kMaxPositions).add_(kPositions - 1);
+      if (!CacheWriteKernelApplies(cache, 0, index, source)) break;
+      if (mode == LinearKernelMode::kAlways) continue;
+      const double plain = TimeMs([&] { cache.index_copy_(0, index, source); });
+      const double kernel = TimeMs([&] { Blip2IndexCopy(cache, 0, index, source); });
+      (rows == 1 ? d.plain_ms_1 : d.plain_ms_16) = plain;
+      (rows == 1 ? d.kernel_ms_1 : d.kernel_ms_16) = kernel;
+    }
+    d.kernel = mode == LinearKernelMode::kAlways
+                   ? CpuIsa() != Isa::kNone
+                   : CpuIsa() != Isa::kNone && d.plain_ms_1 > 0 && d.kernel_ms_1 <= d.plain_ms_1 && d.kernel_ms_16 <= d.plain_ms_16;
+    decisions.push_back(d);
+  }
   return decisions;
 }
 
-int UseBlip2Matmul(torch::jit::Module& module, const std::string& method) {
-  return RewriteOperator(module, method, "aten::matmul", "blip2::matmul", 2);
+int UseAttentionKernels(torch::jit::Module& module, const std::string& method, const std::vector<AttentionDecision>& decisions) {
+  bool products = false, writes = false;
+  for (const AttentionDecision& d : decisions) {
+    if (!d.kernel) continue;
+    (d.product == AttentionProduct::kCacheWrite ? writes : products) = true;
+  }
+  int rewritten = 0;
+  if (products) rewritten += RewriteOperator(module, method, "aten::matmul", "blip2::matmul", 2);
+  if (writes) rewritten += RewriteOperator(module, method, "aten::index_copy_", "blip2::index_copy_", 4);
+  return rewritten;
 }
 
 }  // namespace blip2
 
-TORCH_LIBRARY_FRAGMENT(blip2, m) { m.def("matmul(Tensor a, Tensor b) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(blip2, m) {
+  m.def("matmul(Tensor a, Tensor b) -> Tensor");
+  m.def("index_copy_(Tensor(a!) self, int dim, Tensor index, Tensor source) -> Tensor(a!)");
+}
 
-TORCH_LIBRARY_IMPL(blip2, CompositeExplicitAutograd, m) { m.impl("matmul", TORCH_FN(blip2::Blip2Matmul)); }
+TORCH_LIBRARY_IMPL(blip2, CompositeExplicitAutograd, m) {
+  m.impl("matmul", TORCH_FN(blip2::Blip2Matmul));
+  m.impl("index_copy_", TORCH_FN(blip2::Blip2IndexCopy));
+}

@@ -1,4 +1,5 @@
-// blip2::matmul, torch.matmul with a CPU kernel for the cached attention's two products.
+// blip2::matmul and blip2::index_copy_: torch.matmul and Tensor.index_copy_ with CPU kernels for
+// the cached attention's two products and its cache writes.
 //
 // A decode step's attention multiplies, for every running sequence and head, one query row by the
 // cached keys (scores = q · Kᵀ) and the probabilities by the cached values (p · V): batched
@@ -15,6 +16,11 @@
 // head dim by timing both on cache-shaped tensors at load (DecideAttentionKernels); until decided,
 // and where MKL was as fast, at::matmul runs. One decision per shape class (not per batch count),
 // so a sequence gets the same bits batched or alone.
+//
+// The writes: each decode step copies every row's new keys and values into the cache with
+// index_copy_ (rows of head_dim values at computed positions), which libtorch's indexed
+// TensorIterator did in ~60 us per call for 192 rows of 64 floats (24 calls per step); here one
+// memcpy per row where self and source are row-major matrices of one dtype on the CPU.
 #pragma once
 
 #include <cstdint>
@@ -26,8 +32,8 @@
 
 namespace blip2 {
 
-enum class AttentionProduct : int { kScores = 0, kValues = 1 };  // q · Kᵀ, p · V
-// "scores", "values".
+enum class AttentionProduct : int { kScores = 0, kValues = 1, kCacheWrite = 2 };  // q · Kᵀ, p · V, the writes
+// "scores", "values", "cache-write".
 const char* AttentionProductName(AttentionProduct product);
 
 struct AttentionDecision {
@@ -45,8 +51,9 @@ struct AttentionDecision {
 std::vector<AttentionDecision> DecideAttentionKernels(at::ScalarType dtype, int64_t heads, int64_t head_dim,
                                                       LinearKernelMode mode);
 
-// Rewrites every aten::matmul in `method`'s graph (inlined first) to blip2::matmul. Returns how many.
-int UseBlip2Matmul(torch::jit::Module& module, const std::string& method);
+// Rewrites every aten::matmul (aten::index_copy_) in `method`'s graph, inlined first, to
+// blip2::matmul (blip2::index_copy_) where `decisions` chose the kernel for them. Returns how many.
+int UseAttentionKernels(torch::jit::Module& module, const std::string& method, const std::vector<AttentionDecision>& decisions);
 
 // The operator: the kernel where it applies and was decided for, at::matmul otherwise.
 at::Tensor Blip2Matmul(const at::Tensor& a, const at::Tensor& b);
@@ -54,5 +61,10 @@ at::Tensor Blip2Matmul(const at::Tensor& a, const at::Tensor& b);
 bool AttentionKernelApplies(const at::Tensor& a, const at::Tensor& b, AttentionProduct* product);
 // The kernel without policy (tests, the timing); a c10::Error where it does not apply.
 at::Tensor AttentionKernelMatmul(const at::Tensor& a, const at::Tensor& b);
+
+// self.index_copy_(dim, index, source): one memcpy per row where it applies (dim 0 of a row-major
+// [R, D] self, source [N, D] of its dtype, int64 index [N], CPU), else libtorch's. Bounds checked.
+at::Tensor& Blip2IndexCopy(at::Tensor& self, int64_t dim, const at::Tensor& index, const at::Tensor& source);
+bool CacheWriteKernelApplies(const at::Tensor& self, int64_t dim, const at::Tensor& index, const at::Tensor& source);
 
 }  // namespace blip2

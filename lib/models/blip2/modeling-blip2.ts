@@ -171,10 +171,11 @@ export class Blip2ForConditionalGeneration {
   }
 
   /**
-   * What the load-time timing chose for the language model's two attention products over the KV
-   * cache in decode steps (one query row per sequence and head): at::matmul ('plain') or the
-   * runtime's kernel, which reads the cached keys and values once at full speed ('kernel'), with
-   * both times at 1 and 16 rows (empty on other devices or with BLIP2_LINEAR_KERNEL=off).
+   * What the load-time timing chose for the language model's attention on the KV cache in decode
+   * steps (one query row per sequence and head): for its two products ('scores', 'values') and its
+   * writes of the new keys and values ('cache-write'), libtorch's op ('plain') or the runtime's
+   * kernel ('kernel'), with both times at 1 and 16 rows (empty on other devices or with
+   * BLIP2_LINEAR_KERNEL=off or BLIP2_ATTENTION_KERNEL=off).
    */
   get attentionKernels(): NativeAttentionDecision[] {
     return this.#native.attentionKernels;
