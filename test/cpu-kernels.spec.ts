@@ -139,16 +139,16 @@ describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)',
     }
   });
 
-  it('the AVX2 kernels (BLIP2_LINEAR_ISA=avx2, in a child process) pass the same comparison', function () {
+  it('the AVX2 kernels (BLIP2_LINEAR_ISA=avx2, in a child process) pass the same comparisons (products and attention)', function () {
     if (versions.linearKernel !== 'avx512' || process.env.BLIP2_LINEAR_ISA) this.skip();
     this.timeout(600_000);
     const root = path.join(__dirname, '..');
     const result = spawnSync(path.join(root, 'node_modules', '.bin', 'mocha'),
-      ['--no-config', '--require', 'tsx', '--timeout', '600000', path.join('test', 'cpu-kernels.spec.ts'), '--grep', 'equals at::linear'],
+      ['--no-config', '--require', 'tsx', '--timeout', '600000', path.join('test', 'cpu-kernels.spec.ts'), '--grep', 'equals at::linear|equal the exact product and at::matmul'],
       { cwd: root, encoding: 'utf8', env: { ...process.env, BLIP2_LINEAR_ISA: 'avx2' } });
     assert.equal(result.status, 0, result.stdout + result.stderr);
-    assert.match(result.stdout, /\(avx2\)/);
-    assert.match(result.stdout, /1 passing/);
+    assert.equal(result.stdout.match(/\(avx2\)/g)?.length, 2, result.stdout);
+    assert.match(result.stdout, /2 passing/);
   });
 
   it('is chosen per weight shape by timing at load; greedy tokens equal the plain path and a forward()-only decoder', async () => {
