@@ -142,6 +142,13 @@ Napi::Value LinearForTesting(const Napi::CallbackInfo& info) {
   });
 }
 
+// Tests only: the `path` argument of the attention kernels' bindings; true for 'kernel'.
+bool KernelPathArgument(const Napi::Value& value) {
+  std::string name = value.IsString() ? value.As<Napi::String>().Utf8Value() : "";
+  if (name != "plain" && name != "kernel") throw InvalidArgument("path", name, "'plain' or 'kernel'");
+  return name == "kernel";
+}
+
 // Tests only: a x (the first `positions` rows of the cache-like `b`, transposed for the scores)
 // through at::matmul ('plain') or the attention kernel ('kernel'), as the decode step reads the cache.
 Napi::Value AttentionMatmulForTesting(const Napi::CallbackInfo& info) {
@@ -151,17 +158,16 @@ Napi::Value AttentionMatmulForTesting(const Napi::CallbackInfo& info) {
     auto b = NativeTensor::FromValue(info[1], "b")->box();
     const bool transpose = info[2].ToBoolean();
     const int64_t positions = info[3].IsNumber() ? info[3].As<Napi::Number>().Int64Value() : -1;
-    std::string name = info[4].IsString() ? info[4].As<Napi::String>().Utf8Value() : "";
-    if (name != "plain" && name != "kernel") throw InvalidArgument("path", name, "'plain' or 'kernel'");
+    const bool kernel = KernelPathArgument(info[4]);
     return RunAsync<at::Tensor>(
         env, c10::Device(c10::kCPU),
-        [a, b, transpose, positions, name]() {
+        [a, b, transpose, positions, kernel]() {
           at::Tensor rows = b->Get();
           if (positions < 0 || positions > rows.size(-2))
             throw InvalidArgument("positions", std::to_string(positions), "0 to b.size(-2) = " + std::to_string(rows.size(-2)));
           rows = rows.narrow(-2, 0, positions);
           if (transpose) rows = rows.transpose(-1, -2);
-          return name == "kernel" ? AttentionKernelMatmul(a->Get(), rows) : at::matmul(a->Get(), rows);
+          return kernel ? AttentionKernelMatmul(a->Get(), rows) : at::matmul(a->Get(), rows);
         },
         [](Napi::Env env, at::Tensor& out) -> Napi::Value { return NativeTensor::NewInstance(env, out); });
   });
@@ -175,13 +181,12 @@ Napi::Value CacheWriteForTesting(const Napi::CallbackInfo& info) {
     auto self = NativeTensor::FromValue(info[0], "self")->box();
     auto index = NativeTensor::FromValue(info[1], "index")->box();
     auto source = NativeTensor::FromValue(info[2], "source")->box();
-    std::string name = info[3].IsString() ? info[3].As<Napi::String>().Utf8Value() : "";
-    if (name != "plain" && name != "kernel") throw InvalidArgument("path", name, "'plain' or 'kernel'");
+    const bool kernel = KernelPathArgument(info[3]);
     return RunAsync<at::Tensor>(
         env, c10::Device(c10::kCPU),
-        [self, index, source, name]() {
+        [self, index, source, kernel]() {
           at::Tensor out = self->Get().clone();
-          if (name == "kernel") {
+          if (kernel) {
             TORCH_CHECK(CacheWriteKernelApplies(out, 0, index->Get(), source->Get()), "the cache-write kernel does not apply");
             Blip2IndexCopy(out, 0, index->Get(), source->Get());
           } else {

@@ -5,6 +5,7 @@ import * as path from 'node:path';
 import { Blip2ForConditionalGeneration, Tensor, getNumThreads, setNumThreads, versions } from '../lib';
 import { binding } from '../lib/native/binding';
 import { ids, rowsOf } from './support/fixtures';
+import { loadWithKernelMode } from './support/kernels';
 import { smallModel } from './support/python';
 import { referenceGreedy } from './support/reference';
 
@@ -167,17 +168,9 @@ describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)',
         assert.equal(d.path, fastest[0], JSON.stringify(d));
       }
     }
-    const load = async (mode: string) => {
-      process.env.BLIP2_LINEAR_KERNEL = mode;
-      try {
-        return await Blip2ForConditionalGeneration.fromPretrained(modelDir);
-      } finally {
-        delete process.env.BLIP2_LINEAR_KERNEL;
-      }
-    };
-    const forced = await load('on');
-    const onednn = await load('onednn');
-    const plain = await load('off');
+    const forced = await loadWithKernelMode(modelDir, 'on');
+    const onednn = await loadWithKernelMode(modelDir, 'onednn');
+    const plain = await loadWithKernelMode(modelDir, 'off');
     assert.deepEqual(plain.linearKernels, []);
     if (versions.linearKernel !== 'none') assert.ok(forced.linearKernels.every((d) => d.path === 'kernel'));
     // float32 weights: oneDNN runs every product when forced.
@@ -339,16 +332,8 @@ describe('blip2::matmul, the CPU kernel for the cached attention\'s products (na
       const wins = d.kernelMs[1] <= d.plainMs[1] && d.kernelMs[16] <= d.plainMs[16];
       assert.equal(d.path, wins ? 'kernel' : 'plain', JSON.stringify(d));
     }
-    const load = async (mode: string) => {
-      process.env.BLIP2_LINEAR_KERNEL = mode;
-      try {
-        return await Blip2ForConditionalGeneration.fromPretrained(modelDir);
-      } finally {
-        delete process.env.BLIP2_LINEAR_KERNEL;
-      }
-    };
-    const forced = await load('on');
-    const plain = await load('off');
+    const forced = await loadWithKernelMode(modelDir, 'on');
+    const plain = await loadWithKernelMode(modelDir, 'off');
     assert.deepEqual(plain.attentionKernels, []);
     if (versions.linearKernel !== 'none') assert.ok(forced.attentionKernels.every((d) => d.path === 'kernel'), JSON.stringify(forced.attentionKernels));
     const pixels = Tensor.from(new Float32Array(3 * 56 * 56).map((_, i) => Math.cos(i * 0.21)), [1, 3, 56, 56]);

@@ -8,6 +8,7 @@ import {
   Blip2VisionModel, Blip2VisionModelWithProjection, InvalidArgumentError, ModelLoadError, ShapeError, Tensor,
 } from '../lib';
 import { maxAbsDiff, rowsOf } from './support/fixtures';
+import { loadWithKernelMode } from './support/kernels';
 import { type HfTinyKind, hfTinyModel } from './support/python';
 import { SafeTensorsFile } from './support/safetensors';
 
@@ -64,12 +65,7 @@ describe('the BLIP-2 family against transformers 5.18 (tiny checkpoints made by 
       const r = reference('t5');
       ref = r.ref;
       model = await Blip2ForConditionalGeneration.fromPretrained(r.modelDir);
-      process.env.BLIP2_LINEAR_KERNEL = 'off';
-      try {
-        plain = await Blip2ForConditionalGeneration.fromPretrained(r.modelDir);
-      } finally {
-        delete process.env.BLIP2_LINEAR_KERNEL;
-      }
+      plain = await loadWithKernelMode(r.modelDir, 'off');
     });
     after(() => {
       model.dispose();

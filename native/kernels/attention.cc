@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cstring>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <tuple>
@@ -207,6 +208,31 @@ double TimeMs(F&& f) {
   return best;
 }
 
+// One row count's trial of a decision: whether the kernel applies to its operands, and each path on them.
+struct Trial {
+  bool applies = false;
+  std::function<void()> plain, kernel;
+};
+
+// Times libtorch's op against the kernel at 1 and 16 rows (`trial(rows)` sets both up) and keeps
+// the kernel where it applies at both and was not slower at either; forced (kAlways), wherever it
+// applies, untimed. No kernel on a CPU without AVX2, as for blip2::linear's.
+template <typename MakeTrial>
+void Decide(AttentionDecision& d, LinearKernelMode mode, MakeTrial&& trial) {
+  bool applies = CpuIsa() != Isa::kNone, faster = true;
+  for (int64_t rows : {int64_t{1}, int64_t{16}}) {
+    if (!applies) break;
+    const Trial t = trial(rows);
+    applies = t.applies;
+    if (!applies || mode == LinearKernelMode::kAlways) continue;
+    const double plain = TimeMs(t.plain), kernel = TimeMs(t.kernel);
+    (rows == 1 ? d.plain_ms_1 : d.plain_ms_16) = plain;
+    (rows == 1 ? d.kernel_ms_1 : d.kernel_ms_16) = kernel;
+    faster = faster && kernel <= plain;
+  }
+  d.kernel = applies && (mode == LinearKernelMode::kAlways || faster);
+}
+
 }  // namespace
 
 const char* AttentionProductName(AttentionProduct product) {
@@ -293,57 +319,37 @@ std::vector<AttentionDecision> DecideAttentionKernels(at::ScalarType dtype, int6
     d.product = product;
     d.dtype = dtype;
     d.head_dim = head_dim;
-    AttentionProduct applies = product;
-    for (int64_t rows : {int64_t{1}, int64_t{16}}) {
+    Decide(d, mode, [&](int64_t rows) {
       // Laid out as the slot cache is: [rows, heads, max positions, head dim], read up to kPositions.
       at::Tensor cache = at::randn({rows, heads, kMaxPositions, head_dim}).to(dtype).narrow(2, 0, kPositions);
       at::Tensor a = product == AttentionProduct::kScores ? at::randn({rows, heads, 1, head_dim}).to(dtype)
                                                           : at::softmax(at::randn({rows, heads, 1, kPositions}), -1).to(dtype);
       at::Tensor b = product == AttentionProduct::kScores ? cache.transpose(-1, -2) : cache;
-      if (!AttentionKernelApplies(a, b, &applies) || applies != product) {
-        d.kernel = false;
-        break;
-      }
-      if (mode == LinearKernelMode::kAlways) {
-        d.kernel = true;
-        continue;
-      }
-      const double plain = TimeMs([&] { at::matmul(a, b); });
-      const double kernel = TimeMs([&] { AttentionKernelMatmul(a, b); });
-      (rows == 1 ? d.plain_ms_1 : d.plain_ms_16) = plain;
-      (rows == 1 ? d.kernel_ms_1 : d.kernel_ms_16) = kernel;
-    }
-    if (mode != LinearKernelMode::kAlways)
-      d.kernel = d.plain_ms_1 > 0 && d.kernel_ms_1 <= d.plain_ms_1 && d.kernel_ms_16 <= d.plain_ms_16;
+      AttentionProduct applies = product;
+      return Trial{AttentionKernelApplies(a, b, &applies) && applies == product, [a, b] { at::matmul(a, b); },
+                   [a, b] { AttentionKernelMatmul(a, b); }};
+    });
     {
       std::lock_guard<std::mutex> lock(policy_mutex);
       Policy()[{static_cast<int>(product), static_cast<int>(dtype), head_dim}] = d.kernel;
     }
     decisions.push_back(d);
   }
-  {
-    // The writes of one decode step's new keys (or values): rows x heads rows of head_dim into the
-    // [slots x heads x max positions, head_dim] view of one layer's cache.
-    AttentionDecision d;
-    d.product = AttentionProduct::kCacheWrite;
-    d.dtype = dtype;
-    d.head_dim = head_dim;
-    for (int64_t rows : {int64_t{1}, int64_t{16}}) {
-      at::Tensor cache = at::zeros({16 * heads * kMaxPositions, head_dim}, at::TensorOptions().dtype(dtype));
-      at::Tensor source = at::randn({rows * heads, head_dim}).to(dtype);
-      at::Tensor index = at::arange(rows * heads, at::kLong).mul_(kMaxPositions).add_(kPositions - 1);
-      if (!CacheWriteKernelApplies(cache, 0, index, source)) break;
-      if (mode == LinearKernelMode::kAlways) continue;
-      const double plain = TimeMs([&] { cache.index_copy_(0, index, source); });
-      const double kernel = TimeMs([&] { Blip2IndexCopy(cache, 0, index, source); });
-      (rows == 1 ? d.plain_ms_1 : d.plain_ms_16) = plain;
-      (rows == 1 ? d.kernel_ms_1 : d.kernel_ms_16) = kernel;
-    }
-    d.kernel = mode == LinearKernelMode::kAlways
-                   ? CpuIsa() != Isa::kNone
-                   : CpuIsa() != Isa::kNone && d.plain_ms_1 > 0 && d.kernel_ms_1 <= d.plain_ms_1 && d.kernel_ms_16 <= d.plain_ms_16;
-    decisions.push_back(d);
-  }
+  // The writes of one decode step's new keys (or values): rows x heads rows of head_dim into the
+  // [slots x heads x max positions, head_dim] view of one layer's cache. (No policy entry: they
+  // are index_copy_ alone, so the rewrite itself is the decision; see UseAttentionKernels.)
+  AttentionDecision d;
+  d.product = AttentionProduct::kCacheWrite;
+  d.dtype = dtype;
+  d.head_dim = head_dim;
+  Decide(d, mode, [&](int64_t rows) {
+    at::Tensor cache = at::zeros({16 * heads * kMaxPositions, head_dim}, at::TensorOptions().dtype(dtype));
+    at::Tensor source = at::randn({rows * heads, head_dim}).to(dtype);
+    at::Tensor index = at::arange(rows * heads, at::kLong).mul_(kMaxPositions).add_(kPositions - 1);
+    return Trial{CacheWriteKernelApplies(cache, 0, index, source), [=]() mutable { cache.index_copy_(0, index, source); },
+                 [=]() mutable { Blip2IndexCopy(cache, 0, index, source); }};
+  });
+  decisions.push_back(d);
   return decisions;
 }
 

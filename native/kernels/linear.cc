@@ -2,8 +2,6 @@
 #include "kernels/rewrite.h"
 #include "kernels/simd.h"
 
-#include <immintrin.h>
-
 #include <algorithm>
 #include <atomic>
 #include <chrono>
