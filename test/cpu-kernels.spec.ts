@@ -62,7 +62,7 @@ describe('blip2::linear, the CPU matrix-product kernel (native/kernels/linear)',
   it(`equals at::linear for float32, bfloat16 and float16 weights, 1 to 300 rows, sizes with vector tails (${versions.linearKernel})`, async function () {
     if (versions.linearKernel === 'none') this.skip();
     for (const dtype of ['float32', 'bfloat16', 'float16'] as const) {
-      for (const [out, inn] of [[64, 48], [37, 129], [1000, 768], [5, 3]]) {
+      for (const [out, inn] of [[64, 48], [37, 129], [1000, 768], [40, 777], [5, 3]]) {
         for (const rows of [1, 2, 3, 4, 5, 8, 13, 16, 33, 64, 300]) {
           // The exact product of the values as rounded to `dtype`, in float64.
           const { x, w, b, xr, wr, br } = await operands(dtype, rows, out, inn);

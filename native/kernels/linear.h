@@ -8,8 +8,10 @@
 // instead of ~3). With many rows MKL's float32 GEMM runs its AVX2 code on AMD CPUs (~160 GFLOP/s
 // on 2 Zen 5 cores, where AVX-512 reaches ~300). blip2::linear splits the output rows over the
 // intra-op threads and computes with AVX-512 or AVX2 FMA kernels (float32, bfloat16 and float16
-// weights, float32 accumulation): 4 x rows by 4-8 weight rows in registers, blocked like a GEMM
-// beyond 4 rows; anything else (other devices, other dtypes, a CPU without AVX2) calls at::linear.
+// weights, float32 accumulation): up to 4 x rows by 4-8 weight rows in registers, one stream over
+// the weights; 5-64 rows on AVX-512 in passes of 16 rows that each read the weights once (8 x rows
+// by 3 weight rows in registers, twice); more rows (or AVX2) blocked like a GEMM; anything else
+// (other devices, other dtypes, a CPU without AVX2) calls at::linear.
 //
 // Whether the kernel is used is decided per weight shape, dtype and row count by timing both
 // paths on the model's own weights at load (Decide); until decided, and wherever libtorch was as
