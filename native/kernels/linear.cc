@@ -164,9 +164,8 @@ __attribute__((target("avx512f"))) inline void WideStore(const __m512* acc, int 
 }
 
 // yt[(o - o_begin) * 16 + m] (+)= sum_{k < kc} x[m][k] * w[o][k] for the G * 8 rows of the packed
-// piece x ([16][kXPiece], rows beyond the real ones zero) and o in [o_begin, o_end). kc is a
-// multiple of 16 (the packed piece is zero beyond the real columns; w is read up to kc only when
-// it has them: see the caller).
+// piece x ([16][kXPiece], rows beyond the real ones zero) and o in [o_begin, o_end). kc: a
+// multiple of 16, at most the piece's columns (RunWideRows adds the last few one by one).
 template <typename W, int G>
 __attribute__((target("avx512f,avx512bw,fma"))) void WideRows512(const W* w, const float* x, int64_t ld, int64_t kc, int64_t o_begin,
                                                                    int64_t o_end, float* yt, bool accumulate) {
