@@ -2,8 +2,13 @@
 // generate() calls), against our one-by-one (N = 1) and transformers' static batches of the same
 // sizes (bench/hf_throughput.py), on the same checkpoint, torch and threads, in one run.
 //
-//   npx tsx bench/throughput.ts [--model mid] [--concurrency 1,4,16,64] [--requests R] [--seconds 120]
+//   npx tsx bench/throughput.ts [--model mid] [--concurrency 1,4,16,64] [--requests R] [--seconds 120] [--rounds 1]
 //       [--threads 2] [--new-tokens 20] [--attention sdpa|eager] [--hf-batches 1,4,16,64] [--hf-runs 2] [--hf-attn sdpa] [--no-hf]
+//
+// --rounds R: every level R times, the order reversed in every other round, so each level is
+// measured next to the others (this VM's speed moves 20-40% within minutes, and a memory-bound
+// one-by-one run gains more in a fast phase than a compute-bound batched one). The table gives
+// per-level medians; each round's ratios to one by one come from the runs of that round.
 //
 // --attention: ours' vision attention (default sdpa, as transformers 5's default it is compared with).
 //
@@ -88,16 +93,22 @@ async function main(): Promise<void> {
   const setup = { bench: 'throughput', setup: true, model: preset, threads, new_tokens: newTokens, seconds, attention, ...machine() };
   printJson(setup);
 
-  const ours = new Map<number, Record<string, any>>();
-  for (const c of levels) {
-    const requests = arg('requests', String(Math.max(48, 4 * c)));
-    const maxBatch = c > 16 ? 64 : 16;
-    const [row] = (await runChild(__filename, ['--child', '--model-dir', modelDir, '--concurrency', String(c), '--max-batch', String(maxBatch),
-      '--requests', requests, '--threads', String(threads), '--new-tokens', String(newTokens), '--seconds', String(seconds), '--attention', attention]))
-      .filter((l) => l.event === 'ours');
-    printJson({ bench: 'throughput', impl: 'blip2-node', ...row });
-    ours.set(c, row);
+  const rounds = Number(arg('rounds', '1'));
+  const runs = new Map<number, Record<string, any>[]>(levels.map((c) => [c, []]));  // per level, in round order
+  for (let round = 0; round < rounds; round++) {
+    for (const c of round % 2 === 0 ? levels : [...levels].reverse()) {
+      const requests = arg('requests', String(Math.max(48, 4 * c)));
+      const maxBatch = c > 16 ? 64 : 16;
+      const [row] = (await runChild(__filename, ['--child', '--model-dir', modelDir, '--concurrency', String(c), '--max-batch', String(maxBatch),
+        '--requests', requests, '--threads', String(threads), '--new-tokens', String(newTokens), '--seconds', String(seconds), '--attention', attention]))
+        .filter((l) => l.event === 'ours');
+      printJson({ bench: 'throughput', impl: 'blip2-node', round, ...row });
+      runs.get(c)!.push(row);
+    }
   }
+  // Per level, the run of median requests/s stands for it (its other figures come with it).
+  const ours = new Map<number, Record<string, any>>();
+  for (const [c, rows] of runs) ours.set(c, [...rows].sort((a, b) => a.requests_per_s - b.requests_per_s)[Math.floor((rows.length - 1) / 2)]);
 
   const hf = new Map<string, Record<string, any>>();
   if (hfBatches.length) {
@@ -129,6 +140,12 @@ async function main(): Promise<void> {
     }).join('');
     console.log(`| ${c} | ${o.requests} | ${fmt(o.requests_per_s)} | ${fmt(o.tokens_per_s, 1)} | ${fmt(o.p50_ms, 0)} | ${fmt(o.p99_ms, 0)} | ` +
       `${fmt(o.event_loop_delay_p99_ms, 1)} | ${fmt(o.mean_step_rows)} | ${fmt(o.mean_encode_images)} | ${one ? fmt(o.requests_per_s / one) + 'x' : ''} |${cells}`);
+  }
+  if (rounds > 1 && runs.has(1)) {
+    for (const c of levels.filter((l) => l !== 1)) {
+      const ratios = runs.get(c)!.map((r, i) => r.requests_per_s / runs.get(1)![i].requests_per_s);
+      console.log(`${c} concurrent / one by one, per round: ${ratios.map((r) => r.toFixed(2) + 'x').join(', ')}`);
+    }
   }
   const o16 = ours.get(16);
   if (o16 && one) {
