@@ -254,14 +254,16 @@ export interface LoopResult {
 /**
  * A closed loop: `concurrency` clients, each sending its next request as soon as its last one
  * answered, until `maxRequests` were sent or `maxSeconds` passed (then the ones in flight finish).
+ * `staggerMs`: client c starts c * staggerMs after the first, so the clients are out of step.
  */
 export async function closedLoop(concurrency: number, maxRequests: number, maxSeconds: number,
-  send: (index: number) => Promise<void>): Promise<LoopResult> {
+  send: (index: number) => Promise<void>, staggerMs = 0): Promise<LoopResult> {
   const start = performance.now();
   const deadline = start + maxSeconds * 1e3;
   const latencies: number[] = [];
   let issued = 0;
-  const client = async () => {
+  const client = async (_: unknown, c: number) => {
+    if (staggerMs > 0 && c > 0) await new Promise((resolve) => setTimeout(resolve, c * staggerMs));
     while (issued < maxRequests && performance.now() < deadline) {
       const index = issued++;
       const t = performance.now();

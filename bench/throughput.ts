@@ -5,6 +5,12 @@
 //   npx tsx bench/throughput.ts [--model mid] [--concurrency 1,4,16,64] [--requests R] [--seconds 120] [--rounds 1]
 //       [--threads 2] [--new-tokens 20] [--attention sdpa|eager] [--hf-batches 1,4,16,64] [--hf-runs 2] [--hf-attn sdpa] [--no-hf]
 //
+// --stagger MS: client c of a level starts c * MS after the first, so calls arrive out of step (as
+// real traffic does) instead of in waves; then the child also records every request's gaps between
+// two steps (onStep) and prints their p50/p90/p99/max: how long running sequences were held up by
+// the encodes and prefills of calls arriving meanwhile. --prefill-chunk N / --encode-batch N: the
+// model's options of those names (default: the library's).
+//
 // --rounds R: every level R times, the order reversed in every other round, so each level is
 // measured next to the others (this VM's speed moves 20-40% within minutes, and a memory-bound
 // one-by-one run gains more in a fast phase than a compute-bound batched one). The table gives
@@ -46,22 +52,33 @@ async function child(): Promise<void> {
   const concurrency = Number(arg('concurrency', '1'));
   const maxBatchSize = Number(arg('max-batch', '16'));
   const requests = Number(arg('requests', '16'));
-  const model = await Blip2ForConditionalGeneration.fromPretrained(modelDir, { maxBatchSize, attention });
+  const stagger = Number(arg('stagger', '0'));
+  const prefillChunk = arg('prefill-chunk', '') ? Number(arg('prefill-chunk', '')) : undefined;
+  const encodeBatch = arg('encode-batch', '') ? Number(arg('encode-batch', '')) : undefined;
+  const model = await Blip2ForConditionalGeneration.fromPretrained(modelDir, { maxBatchSize, attention, prefillChunk, encodeBatch });
   const size = imageSize(model);
   const inputs = (await makeRequests(modelDir, ITEMS)).map((r) => ({
     pixelValues: Tensor.from(r.pixels, [1, 3, size, size]),
     inputIds: Tensor.from(BigInt64Array.from(r.ids.map(BigInt)), [1, r.ids.length]),
     attentionMask: Tensor.from(BigInt64Array.from(r.ids.map(() => 1n)), [1, r.ids.length]),
   }));
+  const gaps: number[] = [];
   const send = async (i: number) => {
-    const out = await model.generate(inputs[i % ITEMS], { maxNewTokens: newTokens, eosTokenId: [] });
+    let last = 0;
+    const onStep = stagger > 0 ? () => {
+      const now = performance.now();
+      if (last) gaps.push(now - last);
+      last = now;
+    } : undefined;
+    const out = await model.generate(inputs[i % ITEMS], { maxNewTokens: newTokens, eosTokenId: [], onStep });
     out.dispose();
   };
   await closedLoop(concurrency, concurrency, seconds, send); // warm-up wave: every batch shape once
   const before = model.stats();
   const delay = monitorEventLoopDelay({ resolution: 5 });
   delay.enable();
-  const r = await closedLoop(concurrency, requests, seconds, send);
+  gaps.length = 0;
+  const r = await closedLoop(concurrency, requests, seconds, send, stagger);
   delay.disable();
   const after = model.stats();
   const steps = after.decodeSteps - before.decodeSteps;
@@ -74,6 +91,10 @@ async function child(): Promise<void> {
     mean_step_rows: round((after.generatedTokens - before.generatedTokens - r.completed) / Math.max(steps, 1), 2),
     largest_step_rows: after.largestStepRows,
     mean_encode_images: round((after.encodedImages - before.encodedImages) / Math.max(after.imageEncodes - before.imageEncodes, 1), 2),
+    ...(stagger > 0 ? {
+      stagger_ms: stagger, step_gap_p50_ms: round(quantile(gaps, 0.5), 1), step_gap_p90_ms: round(quantile(gaps, 0.9), 1),
+      step_gap_p99_ms: round(quantile(gaps, 0.99), 1), step_gap_max_ms: round(Math.max(...gaps), 1),
+    } : {}),
     ...rssMb(),
   });
   for (const t of inputs) {
@@ -100,7 +121,8 @@ async function main(): Promise<void> {
       const requests = arg('requests', String(Math.max(48, 4 * c)));
       const maxBatch = c > 16 ? 64 : 16;
       const [row] = (await runChild(__filename, ['--child', '--model-dir', modelDir, '--concurrency', String(c), '--max-batch', String(maxBatch),
-        '--requests', requests, '--threads', String(threads), '--new-tokens', String(newTokens), '--seconds', String(seconds), '--attention', attention]))
+        '--requests', requests, '--threads', String(threads), '--new-tokens', String(newTokens), '--seconds', String(seconds), '--attention', attention,
+        ...['stagger', 'prefill-chunk', 'encode-batch'].flatMap((name) => (arg(name, '') ? [`--${name}`, arg(name, '')] : []))]))
         .filter((l) => l.event === 'ours');
       printJson({ bench: 'throughput', impl: 'blip2-node', round, ...row });
       runs.get(c)!.push(row);
@@ -140,6 +162,13 @@ async function main(): Promise<void> {
     }).join('');
     console.log(`| ${c} | ${o.requests} | ${fmt(o.requests_per_s)} | ${fmt(o.tokens_per_s, 1)} | ${fmt(o.p50_ms, 0)} | ${fmt(o.p99_ms, 0)} | ` +
       `${fmt(o.event_loop_delay_p99_ms, 1)} | ${fmt(o.mean_step_rows)} | ${fmt(o.mean_encode_images)} | ${one ? fmt(o.requests_per_s / one) + 'x' : ''} |${cells}`);
+  }
+  for (const c of levels) {
+    const o = ours.get(c)!;
+    if (o.stagger_ms) {
+      console.log(`${c} concurrent, clients ${o.stagger_ms} ms apart: gaps between two steps of a request p50 ${fmt(o.step_gap_p50_ms, 0)}, ` +
+        `p90 ${fmt(o.step_gap_p90_ms, 0)}, p99 ${fmt(o.step_gap_p99_ms, 0)}, max ${fmt(o.step_gap_max_ms, 0)} ms`);
+    }
   }
   if (rounds > 1 && runs.has(1)) {
     for (const c of levels.filter((l) => l !== 1)) {

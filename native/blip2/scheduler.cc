@@ -373,9 +373,10 @@ void Scheduler::Admit() {
     while (!queue_.empty()) {
       const auto& next = queue_.front();
       if (next->rows > free) break;  // in order: a large call is not overtaken
-      // Every waiting call that fits goes through the vision encoder in one batch (an image alone
-      // costs 2-4x its share of a batch of 16 on a CPU), up to encode_batch images: that one
-      // encode is the longest a cycle holds the running sequences up.
+      // Every waiting call that fits goes through the vision encoder in one batch, up to
+      // encode_batch images: that one encode is the longest a cycle holds the running sequences
+      // up. (Measured on 2 Zen 5 cores, the mid model: an image alone 25.2 ms, in a batch of 16
+      // 21.9 ms each; one image per cycle costs ~15% more encoding but holds them up less.)
       if (!taken.empty() && images + next->batch > options_.encode_batch) break;
       images += next->batch;
       free -= next->rows;

@@ -6,8 +6,15 @@
 //      images go through vision → Q-Former → projection as one batch (at most encode_batch
 //      images: the running sequences wait at most that one encode);
 //   2. prefill: prompts are written into their slots in chunks of at most `prefill_chunk` tokens
-//      per cycle while other sequences decode, so a long prompt never holds them up for more
-//      than about one decode step (with none decoding, up to 2048 tokens go at once);
+//      per cycle while other sequences decode, so a long prompt holds them up by at most one
+//      chunk per cycle (with none decoding, up to 2048 tokens go at once). What that costs in
+//      time depends on the machine: on 2 Zen 5 cores with the mid model, a 16-row decode step
+//      takes ~20 ms, an image ~25 ms and a prompt token ~0.7 ms, so with the defaults (256, 16)
+//      calls arriving out of step held running sequences up to 200-400 ms between two tokens;
+//      prefill_chunk 48 and encode_batch 1 bound that to ~105-125 ms for 5-8% less throughput,
+//      but every cycle then carries some of that work (median gap ~80 instead of ~25 ms). Only
+//      running the prefill in the decode step's own language-model call would remove it
+//      (bench/throughput.ts --stagger measures it);
 //   3. decode: one step for every running sequence of every call, in one language-model call.
 //      Running sequences always occupy slots 0..n-1 (a finished sequence's slot is refilled by
 //      moving another one in, once), so the step reads the cache through views, never a gather;
@@ -43,7 +50,8 @@ struct SchedulerOptions {
   int64_t prefill_chunk = 256;  // prompt tokens written per cycle (all prefilling rows together)
   int64_t encode_batch = 16;    // images encoded together per cycle at most
   // An idle model waits this long after a call arrives for more to encode with it (calls that
-  // finished together come back a few ms apart; encoded one by one they cost 2-4x per image).
+  // finished together come back a few ms apart): their images are encoded and their prompts
+  // prefilled together, and their sequences then decode in step.
   int64_t batch_wait_us = 2000;
 };
 

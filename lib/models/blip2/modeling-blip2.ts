@@ -52,11 +52,14 @@ export interface FromPretrainedOptions {
    * Prompt tokens written into the cache per scheduler cycle while other sequences decode, so long
    * prompts interleave with decoding: smaller holds running sequences up less, larger admits new
    * calls faster (with nothing decoding, up to 2048 go at once). Default 256 on the CPU, 1024 on CUDA.
+   * On a CPU a chunk of 256 holds running sequences up for several steps (2 Zen 5 cores, mid-size
+   * model: ~0.7 ms per prompt token, ~20 ms per 16-row decode step). For evenly spaced tokens while
+   * calls keep arriving, ~48 with `encodeBatch: 1` (bench/RESULTS.md has the figures).
    */
   prefillChunk?: number;
   /**
-   * Images of waiting calls encoded together per cycle at most (one batch through the vision
-   * model is much cheaper per image than one at a time; running sequences wait for it).
+   * Images of waiting calls encoded together per cycle at most; running sequences wait for that
+   * encode (2 Zen 5 cores, mid-size model: 25 ms for one image, 22 ms per image in a batch of 16).
    * Default 16.
    */
   encodeBatch?: number;
