@@ -53,8 +53,12 @@ async function child(): Promise<void> {
   const maxBatchSize = Number(arg('max-batch', '16'));
   const requests = Number(arg('requests', '16'));
   const stagger = Number(arg('stagger', '0'));
-  const prefillChunk = arg('prefill-chunk', '') ? Number(arg('prefill-chunk', '')) : undefined;
-  const encodeBatch = arg('encode-batch', '') ? Number(arg('encode-batch', '')) : undefined;
+  const optional = (name: string) => {
+    const value = arg(name, '');
+    return value === '' ? undefined : Number(value);
+  };
+  const prefillChunk = optional('prefill-chunk');
+  const encodeBatch = optional('encode-batch');
   const model = await Blip2ForConditionalGeneration.fromPretrained(modelDir, { maxBatchSize, attention, prefillChunk, encodeBatch });
   const size = imageSize(model);
   const inputs = (await makeRequests(modelDir, ITEMS)).map((r) => ({
@@ -93,7 +97,7 @@ async function child(): Promise<void> {
     mean_encode_images: round((after.encodedImages - before.encodedImages) / Math.max(after.imageEncodes - before.imageEncodes, 1), 2),
     ...(stagger > 0 ? {
       stagger_ms: stagger, step_gap_p50_ms: round(quantile(gaps, 0.5), 1), step_gap_p90_ms: round(quantile(gaps, 0.9), 1),
-      step_gap_p99_ms: round(quantile(gaps, 0.99), 1), step_gap_max_ms: round(Math.max(...gaps), 1),
+      step_gap_p99_ms: round(quantile(gaps, 0.99), 1), step_gap_max_ms: round(quantile(gaps, 1), 1),
     } : {}),
     ...rssMb(),
   });
@@ -115,16 +119,18 @@ async function main(): Promise<void> {
   printJson(setup);
 
   const rounds = Number(arg('rounds', '1'));
+  // The child options given here, passed on as they are.
+  const passed = ['stagger', 'prefill-chunk', 'encode-batch'].flatMap((name) => (arg(name, '') ? [`--${name}`, arg(name, '')] : []));
   const runs = new Map<number, Record<string, any>[]>(levels.map((c) => [c, []]));  // per level, in round order
-  for (let round = 0; round < rounds; round++) {
-    for (const c of round % 2 === 0 ? levels : [...levels].reverse()) {
+  for (let roundIndex = 0; roundIndex < rounds; roundIndex++) {
+    for (const c of roundIndex % 2 === 0 ? levels : [...levels].reverse()) {
       const requests = arg('requests', String(Math.max(48, 4 * c)));
       const maxBatch = c > 16 ? 64 : 16;
       const [row] = (await runChild(__filename, ['--child', '--model-dir', modelDir, '--concurrency', String(c), '--max-batch', String(maxBatch),
         '--requests', requests, '--threads', String(threads), '--new-tokens', String(newTokens), '--seconds', String(seconds), '--attention', attention,
-        ...['stagger', 'prefill-chunk', 'encode-batch'].flatMap((name) => (arg(name, '') ? [`--${name}`, arg(name, '')] : []))]))
+        ...passed]))
         .filter((l) => l.event === 'ours');
-      printJson({ bench: 'throughput', impl: 'blip2-node', round, ...row });
+      printJson({ bench: 'throughput', impl: 'blip2-node', round: roundIndex, ...row });
       runs.get(c)!.push(row);
     }
   }
