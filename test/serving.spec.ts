@@ -101,6 +101,53 @@ describe('serving: continuous batching on one scheduler per model', function () 
     assert.ok(after.prefillTokens - before.prefillTokens === list.reduce((n, j) => n + prompt(j.text).length, 0));
   });
 
+  it('prompts arriving while others decode ride in the decode steps, one chunk per step; results as alone and as with separate prefill calls', async () => {
+    // 27- and 33-position prompts in chunks of 5 while a long call decodes: each step's language-model
+    // call also writes up to 5 prompt positions (stepPrefillTokens), until the prompts are in.
+    const chunk = 5;
+    const fused = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 8, prefillChunk: chunk });
+    process.env.BLIP2_FUSED_PREFILL = 'off';
+    const separate = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 8, prefillChunk: chunk })
+      .finally(() => delete process.env.BLIP2_FUSED_PREFILL);
+    try {
+      const long: Job = { image: 'noise', text: [5, 6], options: { maxNewTokens: 110, eosTokenId: [] } };
+      const late: Job[] = [
+        { image: 'gradient', text: Array.from({ length: 20 }, (_, i) => 4 + ((i * 53) % 370)), options: { maxNewTokens: 6 } },
+        { image: 'shapes', text: Array.from({ length: 26 }, (_, i) => 7 + ((i * 29) % 370)), options: { maxNewTokens: 5, numBeams: 2 } },
+        { image: 'noise', text: Array.from({ length: 20 }, (_, i) => 9 + ((i * 17) % 370)), options: { doSample: true, seed: 3, topK: 20, maxNewTokens: 6 } },
+      ];
+      const alone: number[][][] = [];
+      for (const job of [long, ...late]) alone.push(await runJob(fused, job));
+      for (const m of [fused, separate]) {
+        const before = m.stats();
+        // The late calls are submitted once the long one has its first tokens: it is decoding.
+        let started!: () => void;
+        const decoding = new Promise<void>((resolve) => { started = resolve; });
+        let steps = 0;
+        const first = runJob(m, { ...long, options: { ...long.options, onStep: () => { if (++steps === 2) started(); } } });
+        await decoding;
+        const rest = late.map((job) => runJob(m, job));
+        assert.deepEqual(await Promise.all([first, ...rest]), alone);
+        const after = m.stats();
+        const inSteps = after.stepPrefillTokens - before.stepPrefillTokens;
+        const prompts = late.reduce((n, j) => n + prompt(j.text).length, 0);
+        if (m === fused) {
+          // Every late prompt went through decode steps, at most one chunk per step (rows of one
+          // width group: each row's share of the chunk, padded to the group's widest).
+          assert.ok(inSteps >= prompts, `${inSteps} positions in steps for ${prompts} prompt positions`);
+          assert.ok(inSteps <= late.length * chunk * (after.decodeSteps - before.decodeSteps), `${inSteps} positions in steps`);
+        } else {
+          assert.equal(inSteps, 0, 'BLIP2_FUSED_PREFILL=off: prompts in calls of their own');
+        }
+        assert.equal(after.prefillTokens - before.prefillTokens, prompt(long.text).length + prompts);
+        assert.equal(after.slotsInUse, 0);
+      }
+    } finally {
+      await fused.dispose();
+      await separate.dispose();
+    }
+  });
+
   it('calls arriving together at an idle model share one image encode (batchWaitMs); with batchWaitMs 0 the results are the same', async () => {
     const waiting = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 8, batchWaitMs: 200 });
     const eager = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 8, batchWaitMs: 0 });

@@ -287,10 +287,10 @@ export interface NativeSchedulerOptions {
   /** Positions per slot. */
   maxLength: number;
   maxQueue: number;
-  /** Prompt tokens prefilled per cycle. */
-  prefillChunk: number;
-  /** Images encoded together per cycle at most. */
-  encodeBatch: number;
+  /** Prompt tokens prefilled per cycle while sequences decode; absent: chosen at load (native/blip2/scheduler.h). */
+  prefillChunk?: number;
+  /** Images encoded together per cycle at most while sequences decode; absent: chosen at load. */
+  encodeBatch?: number;
   /** Microseconds an idle model waits for more calls to encode with the first. */
   batchWaitUs: number;
 }
@@ -317,6 +317,8 @@ export interface NativeModelStats {
   prefillTokens: number;
   /** Prompt positions computed as padding: a prefill forward pads its rows to its widest (OPT; rows of very different lengths go in separate forwards). */
   prefillPaddingTokens: number;
+  /** Prompt positions (padding included) computed inside decode steps: while sequences decode, an OPT model exported with the `step` method writes one chunk of prompts per step in the step's own language-model call. */
+  stepPrefillTokens: number;
   /** Decoded tokens per second over recent steps (moving average). */
   tokensPerSecond: number;
   lastStepMs: number;

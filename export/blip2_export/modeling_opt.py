@@ -14,6 +14,9 @@ Exported methods (see export/README.md for the contract):
 * `forward_cached(cache, inputs_embeds [N,T,E], slots [N], start [N], kv_len, logit_index=None)`
   writes the new keys/values into the slot cache and attends over it.
 * `decode(cache, input_ids [N], slots [N], positions [N], kv_len) -> logits [N,V] float32`
+* `step(cache, input_ids [N], slots [N], positions [N], kv_len, first_slot, prompt_embeds [P,T,E],
+  prompt_slots [P], prompt_start [P], prompt_kv_len, logit_index [P]) -> logits [N+P,V] float32`
+  `decode` and `forward_cached` in one call: the products run over both groups' rows at once.
 * `text_hidden_states(input_ids [B,T], attention_mask [B,T]) -> last_hidden_state [B,T,E]`
   transformers 5.18's Blip2Model.get_text_features (OPTModel's output, no image), equal at real tokens.
 
@@ -28,7 +31,7 @@ each layer gathers the rows' slots (index_select). Telling the two apart costs o
 """
 
 from dataclasses import dataclass
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -180,9 +183,33 @@ class OPTAttention(nn.Module):
         slots are first_slot, first_slot+1, ... (read the cache through a view, no gather).
         masked [N,1,T,kv_len]: True where a query must not see a key."""
         n, t, _ = hidden_states.size()
-        q = (self.q_proj(hidden_states) * self.scaling).view(n, t, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(n, t, self.num_heads, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(n, t, self.num_heads, self.head_dim).transpose(1, 2)
+        out = self._attend(self.q_proj(hidden_states) * self.scaling, self.k_proj(hidden_states),
+                           self.v_proj(hidden_states), n, t, k_cache, v_cache, write_idx, slots, first_slot, kv_len, masked)
+        return self.out_proj(out)
+
+    def forward_step(self, hidden_states: Tensor, n: int, p: int, t: int, k_cache: Tensor, v_cache: Tensor,
+                     dec_write_idx: Tensor, dec_slots: Tensor, dec_first_slot: int, dec_kv_len: int, dec_masked: Tensor,
+                     pre_write_idx: Tensor, pre_slots: Tensor, pre_first_slot: int, pre_kv_len: int,
+                     pre_masked: Tensor) -> Tensor:
+        """hidden_states [n + p*t, E]: n decode rows (one token each) then p prompt rows of t tokens.
+        The projections run once over all rows (one pass over the weights); each group attends its
+        own slots exactly as forward_cached would."""
+        q = self.q_proj(hidden_states) * self.scaling
+        k = self.k_proj(hidden_states)
+        v = self.v_proj(hidden_states)
+        dec = self._attend(q.narrow(0, 0, n), k.narrow(0, 0, n), v.narrow(0, 0, n), n, 1, k_cache, v_cache,
+                           dec_write_idx, dec_slots, dec_first_slot, dec_kv_len, dec_masked)
+        pre = self._attend(q.narrow(0, n, p * t), k.narrow(0, n, p * t), v.narrow(0, n, p * t), p, t, k_cache, v_cache,
+                           pre_write_idx, pre_slots, pre_first_slot, pre_kv_len, pre_masked)
+        return self.out_proj(torch.cat([dec.reshape(n, self.embed_dim), pre.reshape(p * t, self.embed_dim)]))
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, n: int, t: int, k_cache: Tensor, v_cache: Tensor,
+                write_idx: Tensor, slots: Tensor, first_slot: int, kv_len: int, masked: Tensor) -> Tensor:
+        """q (scaled), k, v: the projections of n rows of t tokens ([n, t, E] or [n*t, E]); writes k, v
+        into the cache and returns the attention output [n, t, E] (before out_proj)."""
+        q = q.reshape(n, t, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.reshape(n, t, self.num_heads, self.head_dim).transpose(1, 2)
+        v = v.reshape(n, t, self.num_heads, self.head_dim).transpose(1, 2)
         # In-place writes into the runtime's cache (k_cache is a view of it).
         k_cache.view(-1, self.head_dim).index_copy_(0, write_idx, k.reshape(-1, self.head_dim))
         v_cache.view(-1, self.head_dim).index_copy_(0, write_idx, v.reshape(-1, self.head_dim))
@@ -197,8 +224,7 @@ class OPTAttention(nn.Module):
         # probability exactly 0, as the HF mask gives for padding.
         w = _softmax(w.masked_fill(masked, dtype_min(w.dtype)))
         out = torch.matmul(w, values)                                 # [N,H,T,Dh]
-        out = out.transpose(1, 2).reshape(n, t, self.embed_dim)
-        return self.out_proj(out)
+        return out.transpose(1, 2).reshape(n, t, self.embed_dim)
 
 
 class OPTDecoderLayer(nn.Module):
@@ -245,6 +271,21 @@ class OPTDecoderLayer(nn.Module):
             hidden_states = self.self_attn_layer_norm(hidden_states)
         hidden_states = residual + self.self_attn.forward_cached(
             hidden_states, k_cache, v_cache, write_idx, slots, first_slot, kv_len, masked)
+        if not self.do_layer_norm_before:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+        return self._feed_forward(hidden_states)
+
+    def forward_step(self, hidden_states: Tensor, n: int, p: int, t: int, k_cache: Tensor, v_cache: Tensor,
+                     dec_write_idx: Tensor, dec_slots: Tensor, dec_first_slot: int, dec_kv_len: int, dec_masked: Tensor,
+                     pre_write_idx: Tensor, pre_slots: Tensor, pre_first_slot: int, pre_kv_len: int,
+                     pre_masked: Tensor) -> Tensor:
+        """forward_cached for n decode rows and p prompt rows of t tokens at once, [n + p*t, E]."""
+        residual = hidden_states
+        if self.do_layer_norm_before:
+            hidden_states = self.self_attn_layer_norm(hidden_states)
+        hidden_states = residual + self.self_attn.forward_step(
+            hidden_states, n, p, t, k_cache, v_cache, dec_write_idx, dec_slots, dec_first_slot, dec_kv_len, dec_masked,
+            pre_write_idx, pre_slots, pre_first_slot, pre_kv_len, pre_masked)
         if not self.do_layer_norm_before:
             hidden_states = self.self_attn_layer_norm(hidden_states)
         return self._feed_forward(hidden_states)
@@ -312,14 +353,15 @@ class OPTDecoder(nn.Module):
             hidden_states = layer(hidden_states, mask)
         return self.finish(hidden_states)
 
-    def forward_cached(self, cache: Tensor, inputs_embeds: Tensor, slots: Tensor, start: Tensor,
-                       kv_len: int, first_slot: int = -2) -> Tensor:
-        """Hidden states before `finish` [N,T,D]. first_slot: >= 0 when the caller knows the slots
-        are first_slot, first_slot+1, ...; -1 when they are not; -2 to find out here (a host read,
-        which on a GPU is a synchronisation)."""
+    def _check_cache(self, cache: Tensor):
         if cache.dim() != 6 or cache.size(0) != self.num_layers or cache.size(1) != 2 \
                 or cache.size(3) != self.num_heads or cache.size(5) != self.head_dim:
             raise RuntimeError("cache must be [num_layers, 2, slots, num_heads, max_length, head_dim]")
+
+    def _rows(self, cache: Tensor, inputs_embeds: Tensor, slots: Tensor, start: Tensor, kv_len: int,
+              first_slot: int) -> Tuple[Tensor, Tensor, Tensor, int]:
+        """For rows of T tokens at start[i].. of slots[i]: their embedded hidden states [N,T,D], the
+        cache rows their keys go to, the attention mask and first_slot resolved (see forward_cached)."""
         max_len = cache.size(4)
         if kv_len < 1 or kv_len > max_len:
             raise RuntimeError("kv_len must be in [1, max_length]")
@@ -339,11 +381,36 @@ class OPTDecoder(nn.Module):
             first_slot = int(slots[0].item())
             if not torch.equal(slots, torch.arange(first_slot, first_slot + n, device=slots.device, dtype=slots.dtype)):
                 first_slot = -1
-        hidden_states = self._embed(inputs_embeds, positions)
+        return self._embed(inputs_embeds, positions), write_idx, masked, first_slot
+
+    def forward_cached(self, cache: Tensor, inputs_embeds: Tensor, slots: Tensor, start: Tensor,
+                       kv_len: int, first_slot: int = -2) -> Tensor:
+        """Hidden states before `finish` [N,T,D]. first_slot: >= 0 when the caller knows the slots
+        are first_slot, first_slot+1, ...; -1 when they are not; -2 to find out here (a host read,
+        which on a GPU is a synchronisation)."""
+        self._check_cache(cache)
+        hidden_states, write_idx, masked, first_slot = self._rows(cache, inputs_embeds, slots, start, kv_len, first_slot)
         for i, layer in enumerate(self.layers):
             hidden_states = layer.forward_cached(hidden_states, cache[i, 0], cache[i, 1], write_idx,
                                                  slots, first_slot, kv_len, masked)
         return hidden_states
+
+    def forward_step(self, cache: Tensor, decode_embeds: Tensor, slots: Tensor, positions: Tensor, kv_len: int,
+                     first_slot: int, prompt_embeds: Tensor, prompt_slots: Tensor, prompt_start: Tensor,
+                     prompt_kv_len: int, prompt_first_slot: int) -> Tuple[Tensor, Tensor]:
+        """forward_cached of decode rows [N,1,D] and prompt rows [P,T,D] in one pass: hidden states
+        before `finish`, [N,D] and [P,T,D]. The two groups never share a slot (the caller's rule)."""
+        self._check_cache(cache)
+        dec, dec_write_idx, dec_masked, first_slot = self._rows(cache, decode_embeds, slots, positions, kv_len, first_slot)
+        pre, pre_write_idx, pre_masked, prompt_first_slot = self._rows(
+            cache, prompt_embeds, prompt_slots, prompt_start, prompt_kv_len, prompt_first_slot)
+        n, p, t = dec.size(0), pre.size(0), pre.size(1)
+        hidden_states = torch.cat([dec.reshape(n, -1), pre.reshape(p * t, -1)])
+        for i, layer in enumerate(self.layers):
+            hidden_states = layer.forward_step(hidden_states, n, p, t, cache[i, 0], cache[i, 1],
+                                               dec_write_idx, slots, first_slot, kv_len, dec_masked,
+                                               pre_write_idx, prompt_slots, prompt_first_slot, prompt_kv_len, pre_masked)
+        return hidden_states.narrow(0, 0, n), hidden_states.narrow(0, n, p * t).view(p, t, -1)
 
 
 class OPTModel(nn.Module):
@@ -393,6 +460,20 @@ class OPTForCausalLM(nn.Module):
         return self._logits(hidden_states[:, 0])
 
     @torch.jit.export
+    def step(self, cache: Tensor, input_ids: Tensor, slots: Tensor, positions: Tensor, kv_len: int, first_slot: int,
+             prompt_embeds: Tensor, prompt_slots: Tensor, prompt_start: Tensor, prompt_kv_len: int,
+             logit_index: Tensor, prompt_first_slot: int = -2) -> Tensor:
+        """decode(input_ids, slots, positions, kv_len) and forward_cached(prompt_embeds, prompt_slots,
+        prompt_start, prompt_kv_len, logit_index) in one call whose products read each weight once:
+        logits [N+P, V] float32, the decode rows' then each prompt row's token logit_index[i]."""
+        decode_embeds = self.model.decoder.embed_tokens(input_ids.view(-1, 1))
+        dec, pre = self.model.decoder.forward_step(cache, decode_embeds, slots, positions, kv_len, first_slot,
+                                                   prompt_embeds, prompt_slots, prompt_start, prompt_kv_len,
+                                                   prompt_first_slot)
+        rows = torch.arange(pre.size(0), device=pre.device)
+        return self._logits(torch.cat([dec, pre[rows, logit_index]]))
+
+    @torch.jit.export
     def text_hidden_states(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         """input_ids [B,T], attention_mask [B,T] -> last_hidden_state [B,T,E] (after the final layer norm
         and project_out): transformers 5.18's Blip2Model.get_text_features for OPT, i.e.
@@ -421,6 +502,11 @@ LANGUAGE_MODEL_METHODS = {
     "decode": {"inputs": ["cache: float[L,2,S,H,M,Dh]", "input_ids: int64[N]", "slots: int64[N]",
                           "positions: int64[N]", "kv_len: int", "first_slot: int = -2"],
                "outputs": ["logits: float32[N,V]"]},
+    "step": {"inputs": ["cache: float[L,2,S,H,M,Dh]", "input_ids: int64[N]", "slots: int64[N]",
+                        "positions: int64[N]", "kv_len: int", "first_slot: int", "prompt_embeds: float[P,T,E]",
+                        "prompt_slots: int64[P]", "prompt_start: int64[P]", "prompt_kv_len: int",
+                        "logit_index: int64[P]", "prompt_first_slot: int = -2"],
+             "outputs": ["logits: float32[N+P,V]"]},
     "text_hidden_states": {"inputs": ["input_ids: int64[B,T]", "attention_mask: int64[B,T]"],
                            "outputs": ["last_hidden_state: float[B,T,E]"]},
 }

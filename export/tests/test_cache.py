@@ -1,4 +1,4 @@
-"""Semantics of forward_cached / decode over the slot cache, for the eager and the scripted LM."""
+"""Semantics of forward_cached / decode / step over the slot cache, for the eager and the scripted LM."""
 
 import unittest
 
@@ -71,6 +71,36 @@ class _Cache:
             full = self.lm.forward_full(emb, torch.ones(1, 6, dtype=torch.long))
             self.assertEqual(tuple(step.shape), (1, 392))
             self.close(step[0], full[0, 5])
+
+    def test_step_is_decode_and_prefill_in_one_call(self):
+        """step = decode of slots 0..N-1 + forward_cached of prompt rows in other slots (logit_index):
+        the same logits and the same cache as the two calls, with consecutive and scattered prompt slots."""
+        with torch.inference_mode():
+            ids = torch.tensor([7, 300])
+            for prompt_slots in ([2, 3], [3, 2]):
+                caches = []
+                for _ in range(2):
+                    cache = self.cache()
+                    for slot in (0, 1):
+                        self.lm.forward_cached(cache, self.embeds[slot : slot + 1, :5], torch.tensor([slot]), torch.tensor([0]), 5)
+                    caches.append(cache)
+                slots = torch.tensor(prompt_slots)
+                # The prompt rows' second chunk (positions 3..8 of rows with 3 and 0 tokens in).
+                for cache in caches:
+                    self.lm.forward_cached(cache, self.embeds[1:3, :3], slots, torch.tensor([0, 0]), 3)
+                chunk = torch.stack([self.embeds[1, 3:9], self.embeds[2, 3:9]])
+                start, last = torch.tensor([3, 3]), torch.tensor([5, 2])
+                dec = self.lm.decode(caches[0], ids, torch.tensor([0, 1]), torch.tensor([5, 5]), 6, 0)
+                pre = self.lm.forward_cached(caches[0], chunk, slots, start, 9, last)
+                both = self.lm.step(caches[1], ids, torch.tensor([0, 1]), torch.tensor([5, 5]), 6, 0,
+                                    chunk, slots, start, 9, last)
+                self.assertEqual(tuple(both.shape), (4, 392))
+                # One projection over all rows instead of two: only float32 reordering apart.
+                self.close(both[:2], dec)
+                self.close(both[2:], pre)
+                self.close(caches[1], caches[0])
+                # And the prompt's logits are the full forward's.
+                self.close(both[2], self.full(1, 9)[8])
 
     def test_consecutive_and_scattered_slots_agree(self):
         """Consecutive slots are read through a view, others gathered: same logits either way."""

@@ -98,7 +98,7 @@ class CommandLine(unittest.TestCase):
         self.assertEqual(sorted(IMAGE_ENCODER_METHODS), ["forward", "language_projection", "qformer", "qformer_forward",
                                                          "vision_model"])
         self.assertEqual(sorted(LANGUAGE_MODEL_METHODS), ["decode", "embed_tokens", "forward_cached", "forward_full",
-                                                          "text_hidden_states"])
+                                                          "step", "text_hidden_states"])
 
         for name in SIDE_FILES:
             src = os.path.join(_util.CHECKPOINT, name)

@@ -330,7 +330,7 @@ class OPTFolder(_Caption, unittest.TestCase):
                                                "decoder_start_token_id": None})
         self.assertEqual(m["modules"]["language_model"]["methods"], LANGUAGE_MODEL_METHODS)
         self.assertEqual(sorted(LANGUAGE_MODEL_METHODS), ["decode", "embed_tokens", "forward_cached", "forward_full",
-                                                          "text_hidden_states"])
+                                                          "step", "text_hidden_states"])
         self.assertNotIn("max_encoder_length", m)
         # tied lm_head: one stored tensor under the checkpoint's embed_tokens name
         params = m["modules"]["language_model"]["parameters"]

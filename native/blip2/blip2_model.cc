@@ -142,8 +142,8 @@ Napi::Value NativeBlip2Model::Load(const Napi::CallbackInfo& info) {
     options.slots = OptionInt(s, "slots", options.slots, 1);
     options.max_length = OptionInt(s, "maxLength", std::min(options.max_length, spec.max_length), 2);
     options.max_queue = OptionInt(s, "maxQueue", options.max_queue, 0);
-    options.prefill_chunk = OptionInt(s, "prefillChunk", options.prefill_chunk, 1);
-    options.encode_batch = OptionInt(s, "encodeBatch", options.encode_batch, 1);
+    options.prefill_chunk = OptionInt(s, "prefillChunk", 0, 1);  // 0: the Scheduler picks (device, export)
+    options.encode_batch = OptionInt(s, "encodeBatch", 0, 1);
     options.batch_wait_us = static_cast<int64_t>(OptionInt(s, "batchWaitUs", options.batch_wait_us, 0));
     if (options.max_length > spec.max_length) {
       throw InvalidArgument("maxLength", std::to_string(options.max_length), "at most the model's " + std::to_string(spec.max_length) + " positions");
@@ -306,6 +306,7 @@ Napi::Value NativeBlip2Model::GetStats(const Napi::CallbackInfo& info) {
   o.Set("generatedTokens", static_cast<double>(s.generated_tokens));
   o.Set("prefillTokens", static_cast<double>(s.prefill_tokens));
   o.Set("prefillPaddingTokens", static_cast<double>(s.prefill_padding_tokens));
+  o.Set("stepPrefillTokens", static_cast<double>(s.step_prefill_tokens));
   o.Set("tokensPerSecond", s.tokens_per_second);
   o.Set("lastStepMs", s.last_step_ms);
   o.Set("largestStepRows", static_cast<double>(s.largest_step_rows));

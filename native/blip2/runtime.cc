@@ -31,6 +31,11 @@ Blip2Runtime::Blip2Runtime(ModelSpec spec, std::shared_ptr<LoadedModule> image_e
   if (spec_.encoder_decoder()) {
     encode_ = language_model_->module.get_method("encode");
     fill_cross_cache_ = language_model_->module.get_method("fill_cross_cache");
+  } else if (language_model_->methods.count("step")) {
+    // BLIP2_FUSED_PREFILL=off: prompts in calls of their own, as for exports without `step`
+    // (benchmarks compare the two).
+    const char* env = std::getenv("BLIP2_FUSED_PREFILL");
+    if (!(env && std::string(env) == "off")) step_ = language_model_->module.get_method("step");
   }
 }
 
@@ -280,8 +285,11 @@ at::Tensor Blip2Runtime::EncodePrompts(SlotCache& cache, const std::vector<at::T
       .toTensor();
 }
 
-at::Tensor Blip2Runtime::PrefillChunk(SlotCache& cache, const at::Tensor& embeds, const std::vector<int64_t>& slots,
-                                      const std::vector<int64_t>& start, const std::vector<int64_t>& last) {
+namespace {
+
+// The prompt rows' key length; throws unless every row's positions lie in its slot.
+int64_t PrefillKeyLength(const SlotCache& cache, const at::Tensor& embeds, const std::vector<int64_t>& slots,
+                         const std::vector<int64_t>& start) {
   int64_t kv_len = 0;
   for (size_t i = 0; i < start.size(); ++i) {
     if (slots[i] < 0 || slots[i] >= cache.slots() || start[i] < 0 || start[i] + embeds.size(1) > cache.length()) {
@@ -290,6 +298,32 @@ at::Tensor Blip2Runtime::PrefillChunk(SlotCache& cache, const at::Tensor& embeds
     }
     kv_len = std::max(kv_len, start[i] + embeds.size(1));
   }
+  return kv_len;
+}
+
+// The decode rows' key length; throws unless rows 0..n-1 and their positions lie in the cache.
+int64_t DecodeKeyLength(const SlotCache& cache, const std::vector<int64_t>& positions, int64_t kv_len) {
+  const int64_t n = static_cast<int64_t>(positions.size());
+  if (n > cache.slots() || kv_len > cache.length()) {
+    throw Error(ErrorCode::kInternal, "decode outside the cache: " + std::to_string(n) + " rows, kv_len " + std::to_string(kv_len));
+  }
+  for (int64_t p : positions) {
+    if (p < 0 || p >= cache.length()) throw Error(ErrorCode::kInternal, "decode position " + std::to_string(p) + " outside the cache");
+  }
+  return kv_len;
+}
+
+std::vector<int64_t> FirstSlots(int64_t n) {
+  std::vector<int64_t> slots(n);
+  for (int64_t i = 0; i < n; ++i) slots[i] = i;
+  return slots;
+}
+
+}  // namespace
+
+at::Tensor Blip2Runtime::PrefillChunk(SlotCache& cache, const at::Tensor& embeds, const std::vector<int64_t>& slots,
+                                      const std::vector<int64_t>& start, const std::vector<int64_t>& last) {
+  const int64_t kv_len = PrefillKeyLength(cache, embeds, slots, start);
   std::vector<c10::IValue> args{cache.tensor(), embeds, LongTensorOn(slots, spec_.device), LongTensorOn(start, spec_.device),
                                 kv_len, LongTensorOn(last, spec_.device), FirstSlotIfConsecutive(slots)};
   return forward_cached_(std::move(args)).toTensor();
@@ -298,14 +332,8 @@ at::Tensor Blip2Runtime::PrefillChunk(SlotCache& cache, const at::Tensor& embeds
 at::Tensor Blip2Runtime::Decode(SlotCache& cache, const at::Tensor& tokens, const std::vector<int64_t>& positions, int64_t kv_len,
                                 const std::vector<int64_t>& encoder_lengths) {
   const int64_t n = static_cast<int64_t>(positions.size());
-  if (n > cache.slots() || kv_len > cache.length()) {
-    throw Error(ErrorCode::kInternal, "decode outside the cache: " + std::to_string(n) + " rows, kv_len " + std::to_string(kv_len));
-  }
-  for (int64_t p : positions) {
-    if (p < 0 || p >= cache.length()) throw Error(ErrorCode::kInternal, "decode position " + std::to_string(p) + " outside the cache");
-  }
-  std::vector<int64_t> slots(n);
-  for (int64_t i = 0; i < n; ++i) slots[i] = i;
+  DecodeKeyLength(cache, positions, kv_len);
+  std::vector<int64_t> slots = FirstSlots(n);
   if (spec_.encoder_decoder()) {
     int64_t longest = 1;
     for (int64_t e : encoder_lengths) longest = std::max(longest, e);
@@ -321,6 +349,22 @@ at::Tensor Blip2Runtime::Decode(SlotCache& cache, const at::Tensor& tokens, cons
   std::vector<c10::IValue> args{cache.tensor(), tokens, LongTensorOn(slots, spec_.device), LongTensorOn(positions, spec_.device),
                                 kv_len, int64_t{0}};
   return decode_(std::move(args)).toTensor();
+}
+
+at::Tensor Blip2Runtime::DecodeWithPrefill(SlotCache& cache, const at::Tensor& tokens, const std::vector<int64_t>& positions,
+                                           int64_t kv_len, const at::Tensor& embeds, const std::vector<int64_t>& slots,
+                                           const std::vector<int64_t>& start, const std::vector<int64_t>& last) {
+  if (!step_) throw Error(ErrorCode::kInternal, "DecodeWithPrefill on a language model without a step method");
+  const int64_t n = static_cast<int64_t>(positions.size());
+  DecodeKeyLength(cache, positions, kv_len);
+  const int64_t prompt_kv_len = PrefillKeyLength(cache, embeds, slots, start);
+  for (int64_t s : slots) {
+    if (s < n) throw Error(ErrorCode::kInternal, "prefill slot " + std::to_string(s) + " is a decode row's (0.." + std::to_string(n - 1) + ")");
+  }
+  std::vector<c10::IValue> args{cache.tensor(), tokens, LongTensorOn(FirstSlots(n), spec_.device), LongTensorOn(positions, spec_.device),
+                                kv_len, int64_t{0}, embeds, LongTensorOn(slots, spec_.device), LongTensorOn(start, spec_.device),
+                                prompt_kv_len, LongTensorOn(last, spec_.device), FirstSlotIfConsecutive(slots)};
+  return (*step_)(std::move(args)).toTensor();
 }
 
 }  // namespace blip2

@@ -64,6 +64,13 @@ class Blip2Runtime {
   // encoder_lengths (T5): how many cross-cache positions of slot i are the prompt's.
   at::Tensor Decode(SlotCache& cache, const at::Tensor& tokens, const std::vector<int64_t>& positions, int64_t kv_len,
                     const std::vector<int64_t>& encoder_lengths);
+  // Decode (sequence i in slot i, i < N) and PrefillChunk (rows in other slots) in one language-model
+  // call whose products read each weight once: logits [N + P, V], the decode rows' first. Only
+  // where the export has the `step` method (OPT from this exporter on): has_fused_step().
+  bool has_fused_step() const { return step_.has_value(); }
+  at::Tensor DecodeWithPrefill(SlotCache& cache, const at::Tensor& tokens, const std::vector<int64_t>& positions, int64_t kv_len,
+                               const at::Tensor& embeds, const std::vector<int64_t>& slots, const std::vector<int64_t>& start,
+                               const std::vector<int64_t>& last);
 
  private:
   Blip2Runtime(ModelSpec spec, std::shared_ptr<LoadedModule> image_encoder, std::shared_ptr<LoadedModule> language_model);
@@ -79,6 +86,7 @@ class Blip2Runtime {
   torch::jit::Method forward_full_;
   torch::jit::Method forward_cached_;
   torch::jit::Method decode_;
+  std::optional<torch::jit::Method> step_;              // OPT exports with `step`
   std::optional<torch::jit::Method> encode_;            // T5
   std::optional<torch::jit::Method> fill_cross_cache_;  // T5
   std::vector<LinearDecision> linear_decisions_;

@@ -133,8 +133,10 @@ class SchedulerTask : public Task {
 };
 
 
-// Prompt tokens prefilled in one cycle at most while no sequence is decoding.
+// Prompt tokens prefilled, and images encoded, in one cycle at most while no sequence is decoding
+// (nobody waits then; the bounds are for the activations' memory).
 constexpr int64_t kIdlePrefillTokens = 2048;
+constexpr int64_t kIdleEncodeImages = 16;
 
 std::exception_ptr Disposed() {
   return std::make_exception_ptr(Error(ErrorCode::kDisposed, "the model was disposed before this generate() call finished"));
@@ -144,6 +146,14 @@ std::exception_ptr Disposed() {
 
 Scheduler::Scheduler(std::shared_ptr<Blip2Runtime> runtime, SchedulerOptions options)
     : runtime_(std::move(runtime)), options_(options) {
+  // Defaults measured on 2 Zen 5 cores with the mid model, calls arriving out of step
+  // (bench/RESULTS.md, 2026-12-03 19:05): prompts in the decode step in chunks of 64 and one image
+  // per cycle gave 12.1 req/s with gaps between two tokens of p99 ~96 ms, against 10.7 req/s and
+  // p99 207-271 ms for separate prefill calls of 256 and encodes of up to 16. Not measured on a GPU:
+  // there the old defaults stay.
+  const bool cpu = runtime_->spec().device.is_cpu();
+  if (options_.prefill_chunk == 0) options_.prefill_chunk = !cpu ? 1024 : runtime_->has_fused_step() ? 64 : 256;
+  if (options_.encode_batch == 0) options_.encode_batch = cpu ? 1 : 16;
   cache_ = std::make_unique<SlotCache>(runtime_->CacheShapes(options_.slots, options_.max_length), runtime_->spec().dtype,
                                        runtime_->spec().device);
   slot_table_.assign(options_.slots, Slot());
@@ -242,6 +252,7 @@ void Scheduler::PublishStats() {
   stats_.generated_tokens = generated_tokens_;
   stats_.prefill_tokens = prefill_tokens_;
   stats_.prefill_padding_tokens = prefill_padding_tokens_;
+  stats_.step_prefill_tokens = step_prefill_tokens_;
   stats_.tokens_per_second = tokens_per_second_;
   stats_.last_step_ms = last_step_ms_;
   stats_.largest_step_rows = largest_step_rows_;
@@ -355,6 +366,9 @@ void Scheduler::Admit() {
   for (const Slot& s : slot_table_) free += s.owner == nullptr;
   std::vector<std::shared_ptr<Request>> taken;
   int64_t images = 0;
+  // An encode holds the running sequences up; with none running, calls arriving together should
+  // share one (a wave of 16 on the mid model: 21.9 ms per image against 25.2 alone).
+  const int64_t encode_limit = running_count_ > 0 ? options_.encode_batch : std::max(options_.encode_batch, kIdleEncodeImages);
   {
     std::unique_lock<std::mutex> lock(mutex_);
     if (active_.empty() && !queue_.empty() && options_.batch_wait_us > 0) {
@@ -366,7 +380,7 @@ void Scheduler::Admit() {
           rows += r->rows;
           batch += r->batch;
         }
-        return disposing_ || rows >= free || batch >= options_.encode_batch;
+        return disposing_ || rows >= free || batch >= encode_limit;
       };
       arrived_.wait_until(lock, queue_.front()->queued_at + std::chrono::microseconds(options_.batch_wait_us), enough);
     }
@@ -374,10 +388,8 @@ void Scheduler::Admit() {
       const auto& next = queue_.front();
       if (next->rows > free) break;  // in order: a large call is not overtaken
       // Every waiting call that fits goes through the vision encoder in one batch, up to
-      // encode_batch images: that one encode is the longest a cycle holds the running sequences
-      // up. (Measured on 2 Zen 5 cores, the mid model: an image alone 25.2 ms, in a batch of 16
-      // 21.9 ms each; one image per cycle costs ~15% more encoding but holds them up less.)
-      if (!taken.empty() && images + next->batch > options_.encode_batch) break;
+      // encode_limit images: that one encode is the longest a cycle holds the running sequences up.
+      if (!taken.empty() && images + next->batch > encode_limit) break;
       images += next->batch;
       free -= next->rows;
       taken.push_back(next);
@@ -512,17 +524,25 @@ void Scheduler::Prefill() {
     PrefillEncoder();
     return;
   }
-  struct Row {
-    Request* request;
-    int64_t prompt;
-    int64_t start;
-    int64_t count;
-  };
-  std::vector<Row> rows;
   // The chunk bounds how long running sequences wait for a prefill; with none decoding nobody
   // waits, so the admitted prompts go through together (bounded only for the activations' memory)
   // and start decoding in the same step.
-  int64_t budget = running_count_ > 0 ? options_.prefill_chunk : std::max<int64_t>(options_.prefill_chunk, kIdlePrefillTokens);
+  const bool decoding = running_count_ > 0;
+  std::vector<std::vector<PrefillRow>> groups =
+      PlanPrefill(decoding ? options_.prefill_chunk : std::max<int64_t>(options_.prefill_chunk, kIdlePrefillTokens));
+  if (groups.empty()) return;
+  if (decoding && runtime_->has_fused_step()) {
+    // The widest group rides in this cycle's decode step (one pass over the weights for both);
+    // the other rows wait for the next steps, so a step carries at most one chunk.
+    step_prefill_ = std::move(groups.front());
+    return;
+  }
+  for (const auto& group : groups) RunPrefillGroup(group);
+  StartCompleted();
+}
+
+std::vector<std::vector<Scheduler::PrefillRow>> Scheduler::PlanPrefill(int64_t budget) const {
+  std::vector<PrefillRow> rows;
   for (auto& r : active_) {
     if (r->state != Request::State::kPrefilling) continue;
     for (size_t b = 0; b < r->prompt_done.size() && budget > 0; ++b) {
@@ -534,7 +554,6 @@ void Scheduler::Prefill() {
     }
     if (budget <= 0) break;
   }
-  if (rows.empty()) return;
   // One forward per width group: every row of a call is padded to the call's widest, so a long
   // prompt would make each short one beside it pay for its length. Rows, widest first, join a
   // group while their padding stays within max(8, width / 8) tokens; each group keeps the rows'
@@ -549,57 +568,75 @@ void Scheduler::Prefill() {
     if (widths.empty() || widths.back() - rows[i].count > std::max<int64_t>(8, widths.back() / 8)) widths.push_back(rows[i].count);
     group_of[i] = static_cast<int>(widths.size()) - 1;
   }
-  const ModelSpec& spec = runtime_->spec();
-  // A call whose earlier group failed has been finished (and may be freed): its rows are skipped.
-  auto still_active = [&](const Request* request) {
-    return std::any_of(active_.begin(), active_.end(), [&](const auto& r) { return r.get() == request; });
-  };
+  std::vector<std::vector<PrefillRow>> groups;
   for (size_t g = 0; g < widths.size(); ++g) {
-    const int64_t width = widths[g];
     // Padding of a short row is written past its length (and overwritten later): it must stay in
     // its slot, so rows whose start leaves no room for their group's width wait for the next cycle.
-    std::vector<const Row*> group;
-    for (size_t i = 0; i < rows.size(); ++i)
-      if (group_of[i] == static_cast<int>(g) && rows[i].start + width <= cache_->length() && still_active(rows[i].request))
-        group.push_back(&rows[i]);
-    if (group.empty()) continue;
-    at::Tensor embeds = at::zeros({static_cast<int64_t>(group.size()), width, spec.embed_dim},
-                                  group.front()->request->prompt_embeds.front().options());
-    std::vector<int64_t> slots, starts, last;
-    for (size_t i = 0; i < group.size(); ++i) {
-      const Row& row = *group[i];
-      Request& r = *row.request;
-      embeds[static_cast<int64_t>(i)].narrow(0, 0, row.count).copy_(r.prompt_embeds[row.prompt].narrow(0, row.start, row.count));
-      slots.push_back(r.slot_of[row.prompt * r.group->per_prompt()]);
-      starts.push_back(row.start);
-      last.push_back(row.count - 1);
+    std::vector<PrefillRow> group;
+    for (size_t i = 0; i < rows.size(); ++i) {
+      if (group_of[i] == static_cast<int>(g) && rows[i].start + widths[g] <= cache_->length()) {
+        group.push_back(rows[i]);
+        group.back().width = widths[g];
+      }
     }
-    at::Tensor logits;
-    try {
-      logits = runtime_->PrefillChunk(*cache_, embeds, slots, starts, last);
-    } catch (...) {
-      std::exception_ptr error = std::current_exception();
-      for (const Row* row : group) {
-        for (auto& r : active_) {
-          if (r.get() == row->request) {
-            Finish(*r, error);
-            break;
-          }
+    if (!group.empty()) groups.push_back(std::move(group));
+  }
+  return groups;
+}
+
+Scheduler::PrefillInputs Scheduler::GatherPrefill(const std::vector<PrefillRow>& group) const {
+  // Slots are read here, after any Compact of this cycle moved them.
+  const int64_t width = group.front().width;
+  PrefillInputs in;
+  in.embeds = at::zeros({static_cast<int64_t>(group.size()), width, runtime_->spec().embed_dim},
+                        group.front().request->prompt_embeds.front().options());
+  for (size_t i = 0; i < group.size(); ++i) {
+    const PrefillRow& row = group[i];
+    Request& r = *row.request;
+    in.embeds[static_cast<int64_t>(i)].narrow(0, 0, row.count).copy_(r.prompt_embeds[row.prompt].narrow(0, row.start, row.count));
+    in.slots.push_back(r.slot_of[row.prompt * r.group->per_prompt()]);
+    in.starts.push_back(row.start);
+    in.last.push_back(row.count - 1);
+  }
+  return in;
+}
+
+void Scheduler::RunPrefillGroup(const std::vector<PrefillRow>& group) {
+  // A call whose earlier group failed has been finished (and may be freed): its rows are skipped.
+  std::vector<PrefillRow> live;
+  for (const PrefillRow& row : group) {
+    if (std::any_of(active_.begin(), active_.end(), [&](const auto& r) { return r.get() == row.request; })) live.push_back(row);
+  }
+  if (live.empty()) return;
+  at::Tensor logits;
+  try {
+    PrefillInputs in = GatherPrefill(live);
+    logits = runtime_->PrefillChunk(*cache_, in.embeds, in.slots, in.starts, in.last);
+  } catch (...) {
+    std::exception_ptr error = std::current_exception();
+    for (const PrefillRow& row : live) {
+      for (auto& r : active_) {
+        if (r.get() == row.request) {
+          Finish(*r, error);
+          break;
         }
       }
-      continue;
     }
-    for (size_t i = 0; i < group.size(); ++i) {
-      Request& r = *group[i]->request;
-      r.prompt_done[group[i]->prompt] += group[i]->count;
-      prefill_tokens_ += group[i]->count;
-      prefill_padding_tokens_ += width - group[i]->count;
-      if (r.prompt_done[group[i]->prompt] == r.prompt_embeds[group[i]->prompt].size(0)) {
-        r.prompt_logits[group[i]->prompt] = logits[static_cast<int64_t>(i)];
-      }
+    return;
+  }
+  RecordPrefill(live, logits);
+}
+
+void Scheduler::RecordPrefill(const std::vector<PrefillRow>& group, const at::Tensor& logits) {
+  for (size_t i = 0; i < group.size(); ++i) {
+    Request& r = *group[i].request;
+    r.prompt_done[group[i].prompt] += group[i].count;
+    prefill_tokens_ += group[i].count;
+    prefill_padding_tokens_ += group[i].width - group[i].count;
+    if (r.prompt_done[group[i].prompt] == r.prompt_embeds[group[i].prompt].size(0)) {
+      r.prompt_logits[group[i].prompt] = logits[static_cast<int64_t>(i)];
     }
   }
-  StartCompleted();
 }
 
 void Scheduler::PrefillEncoder() {
@@ -739,9 +776,17 @@ void Scheduler::Compact() {
 }
 
 void Scheduler::DecodeStep() {
+  std::vector<PrefillRow> prompt_rows = std::move(step_prefill_);
+  step_prefill_.clear();
   Compact();
   const int64_t n = running_count_;
-  if (n == 0) return;
+  if (n == 0) {  // the sequences that would have carried it finished: a call of its own
+    if (!prompt_rows.empty()) {
+      RunPrefillGroup(prompt_rows);
+      StartCompleted();
+    }
+    return;
+  }
   auto started = std::chrono::steady_clock::now();
   std::vector<int64_t> tokens(n), positions(n), encoder_lengths(n, 0);
   int64_t kv_len = 0;
@@ -752,7 +797,18 @@ void Scheduler::DecodeStep() {
     kv_len = std::max(kv_len, positions[s] + 1);
     if (cache_->count() > 1) encoder_lengths[s] = slot.owner->encoder_length[slot.sequence / slot.owner->group->per_prompt()];
   }
-  at::Tensor logits = runtime_->Decode(*cache_, LongTensorOn(tokens, runtime_->spec().device), positions, kv_len, encoder_lengths);
+  at::Tensor tokens_tensor = LongTensorOn(tokens, runtime_->spec().device);
+  at::Tensor logits, prompt_logits;
+  if (prompt_rows.empty()) {
+    logits = runtime_->Decode(*cache_, tokens_tensor, positions, kv_len, encoder_lengths);
+  } else {
+    // Compact put every running sequence below n, so the prompts' slots are all >= n.
+    PrefillInputs in = GatherPrefill(prompt_rows);
+    at::Tensor all = runtime_->DecodeWithPrefill(*cache_, tokens_tensor, positions, kv_len, in.embeds, in.slots, in.starts, in.last);
+    logits = all.narrow(0, 0, n);
+    prompt_logits = all.narrow(0, n, all.size(0) - n);
+    step_prefill_tokens_ += static_cast<int64_t>(in.embeds.size(0) * in.embeds.size(1));
+  }
   decode_steps_ += 1;
   Stats::decode_steps += 1;
   largest_step_rows_ = std::max(largest_step_rows_, n);
@@ -776,6 +832,10 @@ void Scheduler::DecodeStep() {
     } catch (...) {
       Finish(*r, std::current_exception());
     }
+  }
+  if (!prompt_rows.empty()) {
+    RecordPrefill(prompt_rows, prompt_logits);  // prompting calls are not decoding: all still active
+    StartCompleted();
   }
   double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
   last_step_ms_ = ms;

@@ -3,18 +3,18 @@
 // on the model device's executor merges everything that is ready into as few model calls as
 // possible:
 //   1. admission: queued calls whose sequences fit in the free slots are taken in order; their
-//      images go through vision → Q-Former → projection as one batch (at most encode_batch
-//      images: the running sequences wait at most that one encode);
+//      images go through vision → Q-Former → projection as one batch. While sequences decode, at
+//      most encode_batch images (CPU: 1, ~25 ms on the mid model), since the running sequences
+//      wait for that encode; an idle model takes up to 16, which nobody waits for;
 //   2. prefill: prompts are written into their slots in chunks of at most `prefill_chunk` tokens
-//      per cycle while other sequences decode, so a long prompt holds them up by at most one
-//      chunk per cycle (with none decoding, up to 2048 tokens go at once). What that costs in
-//      time depends on the machine: on 2 Zen 5 cores with the mid model, a 16-row decode step
-//      takes ~20 ms, an image ~25 ms and a prompt token ~0.7 ms, so with the defaults (256, 16)
-//      calls arriving out of step held running sequences up to 200-400 ms between two tokens;
-//      prefill_chunk 48 and encode_batch 1 bound that to ~105-125 ms for 5-8% less throughput,
-//      but every cycle then carries some of that work (median gap ~80 instead of ~25 ms). Only
-//      running the prefill in the decode step's own language-model call would remove it
-//      (bench/throughput.ts --stagger measures it);
+//      per cycle while other sequences decode (with none decoding, up to 2048 tokens go at once
+//      in separate calls). Where the export has `step`, one chunk group rides in the decode
+//      step's own language-model call, so the weights are read once per cycle for both; the
+//      chunk's compute still adds to that step. On 2 Zen 5 cores with the mid model (16-row
+//      step ~20 ms, a prompt token ~0.7 ms separately), calls arriving out of step saw gaps
+//      between two tokens of p99 207-271 ms with separate calls of 256 tokens and 16 images,
+//      and p99 94-99 ms, p50 ~70 ms with the fused step, 64 tokens and 1 image, at 12% more
+//      requests/s (bench/throughput.ts --stagger 70; bench/RESULTS.md, 2026-12-03 19:00);
 //   3. decode: one step for every running sequence of every call, in one language-model call.
 //      Running sequences always occupy slots 0..n-1 (a finished sequence's slot is refilled by
 //      moving another one in, once), so the step reads the cache through views, never a gather;
@@ -47,8 +47,12 @@ struct SchedulerOptions {
   int64_t slots = 16;           // sequences decoded together at most (maxBatchSize)
   int64_t max_length = 512;     // positions per slot (image queries + prompt + new tokens)
   int64_t max_queue = 1024;     // calls waiting beyond which generate() rejects at once
-  int64_t prefill_chunk = 256;  // prompt tokens written per cycle (all prefilling rows together)
-  int64_t encode_batch = 16;    // images encoded together per cycle at most
+  // Prompt tokens written per cycle while sequences decode (all prefilling rows together); 0: 64
+  // on the CPU where the export has the fused `step` (else 256), 1024 on CUDA.
+  int64_t prefill_chunk = 0;
+  // Images encoded together per cycle at most while sequences decode (idle: at least 16); 0: 1 on
+  // the CPU, 16 on CUDA.
+  int64_t encode_batch = 0;
   // An idle model waits this long after a call arrives for more to encode with it (calls that
   // finished together come back a few ms apart): their images are encoded and their prompts
   // prefilled together, and their sequences then decode in step.
@@ -77,6 +81,7 @@ struct SchedulerStats {
   int64_t generated_tokens = 0;
   int64_t prefill_tokens = 0;
   int64_t prefill_padding_tokens = 0;  // positions computed as padding beside shorter prompts
+  int64_t step_prefill_tokens = 0;     // prompt positions (padding included) computed inside decode steps
   double tokens_per_second = 0;
   double last_step_ms = 0;
   int64_t largest_step_rows = 0;
@@ -116,7 +121,26 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
 
   void EnsureScheduled();  // caller holds mutex_
   void Admit();
+  // A prompt row of a prefill call: positions start..start+count-1 of prompt `prompt`, padded to
+  // its group's `width`.
+  struct PrefillRow {
+    Request* request;
+    int64_t prompt;
+    int64_t start;
+    int64_t count;
+    int64_t width = 0;
+  };
+  struct PrefillInputs {
+    at::Tensor embeds;  // [P, width, E]
+    std::vector<int64_t> slots, starts, last;
+  };
+
   void Prefill();
+  // The prompt rows to prefill now, at most `budget` positions, in width groups (widest first).
+  std::vector<std::vector<PrefillRow>> PlanPrefill(int64_t budget) const;
+  PrefillInputs GatherPrefill(const std::vector<PrefillRow>& group) const;
+  void RunPrefillGroup(const std::vector<PrefillRow>& group);
+  void RecordPrefill(const std::vector<PrefillRow>& group, const at::Tensor& logits);
   void PrefillEncoder();   // T5
   void StartCompleted();
   void DecodeStep();
@@ -145,8 +169,10 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
   std::vector<std::shared_ptr<Request>> active_;  // admitted, not finished
   std::vector<Slot> slot_table_;
   int64_t running_count_ = 0;  // slots 0..running_count_-1 hold the running sequences
+  std::vector<PrefillRow> step_prefill_;  // prompt rows that go into this cycle's decode step
   double tokens_per_second_ = 0;
   int64_t completed_ = 0, failed_ = 0, decode_steps_ = 0, generated_tokens_ = 0, prefill_tokens_ = 0, prefill_padding_tokens_ = 0;
+  int64_t step_prefill_tokens_ = 0;
   double last_step_ms_ = 0;
   int64_t largest_step_rows_ = 0;
   int64_t image_encodes_ = 0, encoded_images_ = 0;

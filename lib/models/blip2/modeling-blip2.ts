@@ -51,16 +51,19 @@ export interface FromPretrainedOptions {
   /**
    * Prompt tokens written into the cache per scheduler cycle while other sequences decode, so long
    * prompts interleave with decoding: smaller holds running sequences up less, larger admits new
-   * calls faster (with nothing decoding, up to 2048 go at once). Default 256 on the CPU, 1024 on CUDA.
-   * On a CPU a chunk of 256 holds running sequences up for several steps (2 Zen 5 cores, mid-size
-   * model: ~0.7 ms per prompt token, ~20 ms per 16-row decode step). For evenly spaced tokens while
-   * calls keep arriving, ~48 with `encodeBatch: 1` (bench/RESULTS.md has the figures).
+   * calls faster (with nothing decoding, up to 2048 go at once). An OPT export with the `step`
+   * method (this exporter's) writes them inside the decode step's own language-model call, one
+   * pass over the weights for both. Default on the CPU 64 with `step` (256 without), 1024 on CUDA.
+   * Measured on 2 Zen 5 cores, mid-size model, calls arriving out of step: a 16-row decode step
+   * takes ~20 ms, with a chunk of 64 prompt tokens in it ~50 ms; a separate prefill call costs
+   * ~0.7 ms per prompt token (bench/RESULTS.md has the figures).
    */
   prefillChunk?: number;
   /**
-   * Images of waiting calls encoded together per cycle at most; running sequences wait for that
-   * encode (2 Zen 5 cores, mid-size model: 25 ms for one image, 22 ms per image in a batch of 16).
-   * Default 16.
+   * Images of waiting calls encoded together per cycle at most while other sequences decode; they
+   * wait for that encode (2 Zen 5 cores, mid-size model: 25 ms for one image, 22 ms per image in a
+   * batch of 16). With nothing decoding, nobody waits: at least 16 go together. Default 1 on the
+   * CPU, 16 on CUDA.
    */
   encodeBatch?: number;
   /**
@@ -488,8 +491,9 @@ function schedulerOptions(options: FromPretrainedOptions, manifest: Manifest, dt
   }
   const maxBatchSize = positiveInteger('maxBatchSize', options.maxBatchSize, 16);
   const maxQueue = positiveInteger('maxQueue', options.maxQueue, 1024, 0);
-  const prefillChunk = positiveInteger('prefillChunk', options.prefillChunk, device === 'cpu' ? 256 : 1024);
-  const encodeBatch = positiveInteger('encodeBatch', options.encodeBatch, 16);
+  // Absent: the native scheduler picks them for the device and the export (scheduler.h).
+  const prefillChunk = options.prefillChunk === undefined ? undefined : integer('prefillChunk', options.prefillChunk, 1);
+  const encodeBatch = options.encodeBatch === undefined ? undefined : integer('encodeBatch', options.encodeBatch, 1);
   const batchWaitMs = finite('batchWaitMs', options.batchWaitMs ?? 2, (v) => v >= 0 && v <= 1000, 'a number of milliseconds from 0 to 1000');
   const kvCacheMaxBytes = positiveInteger('kvCacheMaxBytes', options.kvCacheMaxBytes, DEFAULT_KV_CACHE_MAX_BYTES);
   const lm = manifest.language_model;
