@@ -60,7 +60,12 @@ async function child(): Promise<void> {
   };
   const reading = (done: number, seconds: number) => {
     gc?.();
-    return { event: 'rss', requests: done, seconds: round(seconds, 1), ...rssMb(), model: model.stats(), runtime: stats() };
+    // The JS side's share, to tell a native growth from a JS one.
+    const js = process.memoryUsage();
+    return {
+      event: 'rss', requests: done, seconds: round(seconds, 1), ...rssMb(), js_heap_used_mb: round(js.heapUsed / 2 ** 20, 1),
+      js_external_mb: round(js.external / 2 ** 20, 1), model: model.stats(), runtime: stats(),
+    };
   };
   printJson(reading(0, 0));
   let done = 0;
