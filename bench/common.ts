@@ -41,7 +41,12 @@ export function prepare(preset: string): { checkpoint: string; modelDir: string 
   if (preset !== 'tiny' && !fs.existsSync(path.join(checkpoint, 'model.safetensors'))) {
     run(pythonBin(), ['-m', 'blip2_export.tiny', checkpoint, '--preset', preset, '--seed', '1'], path.join(ROOT, 'export'));
   }
-  if (!fs.existsSync(path.join(modelDir, 'manifest.json'))) {
+  // Exported again when the exporter changed since (new methods reach cached benchmark models).
+  const manifest = path.join(modelDir, 'manifest.json');
+  const exporter = path.join(ROOT, 'export', 'blip2_export');
+  const exporterMs = Math.max(...fs.readdirSync(exporter).filter((f) => f.endsWith('.py')).map((f) => fs.statSync(path.join(exporter, f)).mtimeMs));
+  if (!fs.existsSync(manifest) || fs.statSync(manifest).mtimeMs < exporterMs) {
+    fs.rmSync(modelDir, { recursive: true, force: true });
     run(pythonBin(), ['-m', 'blip2_export', checkpoint, modelDir], path.join(ROOT, 'export'));
   }
   return { checkpoint, modelDir };

@@ -386,9 +386,11 @@ describe('generate: options, stopping, sampling, streaming, errors', () => {
         await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { batchWaitMs: batchWaitMs as never }),
           (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'batchWaitMs' && /from 0 to 1000/.test(e.message));
       }
-      for (const encodeBatch of [0, 1.5, '4']) {
-        await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { encodeBatch: encodeBatch as never }),
-          (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'encodeBatch' && /an integer >= 1/.test(e.message));
+      for (const name of ['encodeBatch', 'encodeLayersPerStep', 'prefillChunk'] as const) {
+        for (const value of [0, 1.5, '4']) {
+          await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { [name]: value as never }),
+            (e: unknown) => e instanceof InvalidArgumentError && e.argument === name && /an integer >= 1/.test(e.message));
+        }
       }
     });
     it("attention 'sdpa' on a module without the switch (an export that predates it) is a ModelLoadError naming the file", async () => {

@@ -148,6 +148,96 @@ describe('serving: continuous batching on one scheduler per model', function () 
     }
   });
 
+  it('images of calls arriving while others decode are encoded in stages beside the decode steps; results as alone and as encoded whole', async () => {
+    // The tiny export's vision tower has 2 layers: with encodeLayersPerStep 1 each late image takes
+    // two cycles, one layer beside each decode step of the long call.
+    const staged = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 8, encodeLayersPerStep: 1 });
+    const auto = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 8 });
+    process.env.BLIP2_STAGED_ENCODE = 'off';
+    const whole = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 8 })
+      .finally(() => delete process.env.BLIP2_STAGED_ENCODE);
+    try {
+      const long: Job = { image: 'noise', text: [5, 6], options: { maxNewTokens: 100, eosTokenId: [] } };
+      const late: Job[] = [
+        { image: 'gradient', text: [11, 12, 13], options: { maxNewTokens: 6 } },
+        { image: 'shapes', text: [7], options: { maxNewTokens: 5, numBeams: 2 } },
+        { image: 'noise', text: [9, 10], options: { doSample: true, seed: 3, topK: 20, maxNewTokens: 6 } },
+      ];
+      const alone: number[][][] = [];
+      for (const job of [long, ...late]) alone.push(await runJob(whole, job));
+      for (const m of [staged, auto, whole]) {
+        const before = m.stats();
+        let started!: () => void;
+        const decoding = new Promise<void>((resolve) => { started = resolve; });
+        let steps = 0;
+        const first = runJob(m, { ...long, options: { ...long.options, onStep: () => { if (++steps === 2) started(); } } });
+        await decoding;
+        // One after the other, each once the previous has its result: every one arrives while the
+        // long call decodes (encodeBatch 1 on the CPU: one image per encode).
+        const got: number[][][] = [];
+        for (const job of late) got.push(await runJob(m, job));
+        assert.deepEqual([await first, ...got], alone);
+        const after = m.stats();
+        const cycles = after.stagedEncodeCycles - before.stagedEncodeCycles;
+        assert.equal(after.imageEncodes - before.imageEncodes, 1 + late.length);
+        if (m === staged) assert.equal(cycles, 2 * late.length, 'one layer per cycle, two cycles per image');
+        else if (m === auto) assert.ok(cycles >= late.length, `${cycles} staged cycles`);
+        else assert.equal(cycles, 0, 'BLIP2_STAGED_ENCODE=off: whole encodes');
+        assert.equal(after.encodingImages, 0);
+        assert.equal(after.slotsInUse, 0);
+      }
+    } finally {
+      await staged.dispose();
+      await auto.dispose();
+      await whole.dispose();
+    }
+  });
+
+  it('a call aborted while its image is in a staged encode (or just after) rejects (or with stopOnAbortSignal resolves with its input ids); no slot is left held', async () => {
+    const model = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 8, encodeLayersPerStep: 1 });
+    try {
+      let hits = 0;
+      for (let i = 0; i < 12; ++i) {
+        // A call decoding beside it; the victim is aborted from that call's step callback once its
+        // image is seen in the encoder (the executor may be a cycle ahead: then the abort lands in
+        // its prefill or first steps, which must behave the same).
+        const controller = new AbortController();
+        let victim: Promise<Tensor> | undefined;
+        const stop = i % 2 === 1;
+        const input = prompt([20 + i]);
+        let steps = 0;
+        const background = model.generate({ pixelValues: pixels('noise') }, {
+          maxNewTokens: 100, eosTokenId: [],
+          onStep: () => {
+            ++steps;
+            if (steps === 2) {
+              victim = model.generate({ pixelValues: pixels('shapes'), inputIds: ids([input]) },
+                { maxNewTokens: 60, signal: controller.signal, stopOnAbortSignal: stop });
+              victim.catch(() => undefined);  // awaited below, after the background call
+            } else if (steps > 2 && !controller.signal.aborted && (model.stats().encodingImages > 0 || steps > 40)) {
+              hits += model.stats().encodingImages > 0 ? 1 : 0;
+              controller.abort();
+            }
+          },
+        });
+        assert.equal((await background).shape[0], 1);
+        assert.ok(victim && controller.signal.aborted);
+        if (stop) {
+          // Aborted before (or just after) its first token: its input ids, perhaps with a few new ones.
+          assert.deepEqual((await rowsOf(await victim))[0].slice(0, input.length), input);
+        } else {
+          await assert.rejects(victim, AbortError);
+        }
+        await slotsFreed(model, `after aborted call ${i}`);
+        assert.equal(model.stats().encodingImages, 0);
+      }
+      // 12 of 12 here: the abort is seen at the next cycle's start, while the encode is in progress.
+      assert.ok(hits > 0, 'no abort landed inside a staged encode');
+    } finally {
+      await model.dispose();
+    }
+  });
+
   it('calls arriving together at an idle model share one image encode (batchWaitMs); with batchWaitMs 0 the results are the same', async () => {
     const waiting = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 8, batchWaitMs: 200 });
     const eager = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 8, batchWaitMs: 0 });

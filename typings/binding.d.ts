@@ -291,6 +291,8 @@ export interface NativeSchedulerOptions {
   prefillChunk?: number;
   /** Images encoded together per cycle at most while sequences decode; absent: chosen at load. */
   encodeBatch?: number;
+  /** Vision layers of an encode per cycle while sequences decode; absent: from measured costs (CPU), whole (CUDA). */
+  encodeLayersPerStep?: number;
   /** Microseconds an idle model waits for more calls to encode with the first. */
   batchWaitUs: number;
 }
@@ -324,10 +326,16 @@ export interface NativeModelStats {
   lastStepMs: number;
   /** Most sequences one decode step has carried. */
   largestStepRows: number;
-  /** Vision encoder calls made to admit calls (all waiting images that fit go through one). */
+  /** Image encodes made to admit calls (all waiting images that fit go through one; on the CPU, while sequences decode, in stages of a few vision layers per step). */
   imageEncodes: number;
-  /** Images through those calls (encodedImages / imageEncodes: the mean encode batch). */
+  /** Images through those encodes (encodedImages / imageEncodes: the mean encode batch). */
   encodedImages: number;
+  /** Images in the staged encode now (0: none in progress). */
+  encodingImages: number;
+  /** Scheduler cycles that ran vision layers of a staged encode beside decoding sequences. */
+  stagedEncodeCycles: number;
+  /** Prompt positions the next decode step may carry: prefillChunk, or on the CPU by default what adds about one pure decode step, from the measured costs. */
+  stepPrefillBudget: number;
 }
 
 export interface NativeBlip2ModelConstructor {

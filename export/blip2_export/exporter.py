@@ -63,6 +63,13 @@ IMAGE_ENCODER_METHODS = {
                 "outputs": ["last_hidden_state: float[B,Q,Dq]"]},
     "language_projection": {"inputs": ["query_output: float[B,Q,Dq]"],
                             "outputs": ["language_model_inputs: float[B,Q,E]"]},
+    # `forward` in stages (a scheduler interleaves them with decode steps); exports before these
+    # lack them and are encoded whole.
+    "num_vision_layers": {"inputs": [], "outputs": ["layers: int"]},
+    "encode_start": {"inputs": ["pixel_values: float[B,3,H,W]"], "outputs": ["hidden_states: float[B,P+1,Dv]"]},
+    "encode_layers": {"inputs": ["hidden_states: float[B,P+1,Dv]", "start: int", "end: int"],
+                      "outputs": ["hidden_states: float[B,P+1,Dv]"]},
+    "encode_finish": {"inputs": ["hidden_states: float[B,P+1,Dv]"], "outputs": ["language_model_inputs: float[B,Q,E]"]},
     **IMAGE_ENCODER_METHODS_EXTRA,
 }
 

@@ -32,7 +32,8 @@ HF's `Blip2ForImageTextRetrieval`, `Blip2TextModelWithProjection` or `Blip2Visio
   their dtype first (HF does), then back to the Q-Former's.
 
 `Blip2ImageEncoder` (image_encoder.pt) wraps the caption model's image stages (methods `forward`,
-`vision_model`, `qformer`, `language_projection`, `qformer_forward`); `Blip2RetrievalEncoder`
+`vision_model`, `qformer`, `language_projection`, `qformer_forward`, and `forward` in stages:
+`num_vision_layers`, `encode_start`, `encode_layers`, `encode_finish`); `Blip2RetrievalEncoder`
 (retrieval.pt) wraps a `Blip2RetrievalModel` (methods `forward`, `vision_model`, `image_embeds`,
 `text_embeds`, `itm`, `itm_pairs`, `itc`, `itc_logits`, `qformer_forward`). Each method's
 contract is in its docstring and, in manifest form, in IMAGE_ENCODER_METHODS_EXTRA /
@@ -710,6 +711,33 @@ class Blip2ImageEncoder(nn.Module):
         """pixel_values [B,3,H,W] -> language_model_inputs [B,Q,E] (HF's
         Blip2ForConditionalGeneration.get_image_features(...).pooler_output)."""
         return self.language_projection(self.qformer(self.vision_model(pixel_values)[0]))
+
+    # `forward` in stages, for a scheduler that spreads one encode over several decode steps (a
+    # ViT-g encode is ~15 of OPT-2.7B's decode steps on a CPU): the same operations in the same
+    # order, so encode_start -> encode_layers(0, n) -> encode_finish equals `forward` bit for bit.
+    @torch.jit.export
+    def num_vision_layers(self) -> int:
+        return len(self.vision.encoder.layers)
+
+    @torch.jit.export
+    def encode_start(self, pixel_values: Tensor) -> Tensor:
+        """pixel_values [B,3,H,W] -> the vision embeddings [B,P+1,Dv] (the encoder's input)."""
+        return self.vision.embeddings(pixel_values)
+
+    @torch.jit.export
+    def encode_layers(self, hidden_states: Tensor, start: int, end: int) -> Tensor:
+        """Vision encoder layers start..end-1 over hidden_states [B,P+1,Dv]."""
+        i = 0
+        for layer in self.vision.encoder.layers:
+            if i >= start and i < end:
+                hidden_states = layer(hidden_states)
+            i += 1
+        return hidden_states
+
+    @torch.jit.export
+    def encode_finish(self, hidden_states: Tensor) -> Tensor:
+        """The last encoder layer's output [B,P+1,Dv] -> language_model_inputs [B,Q,E]."""
+        return self.language_projection(self.qformer(self.vision.post_layernorm(hidden_states)))
 
     @torch.jit.export
     def vision_model(self, pixel_values: Tensor) -> Tuple[Tensor, Tensor]:

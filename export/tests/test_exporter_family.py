@@ -307,6 +307,16 @@ class _Caption(_Family):
             self.close("qformer_forward", got[0], self.ref["qformer/last_hidden_state"])
             self.assertEqual(tuple(got[0].shape[1:2]), (q,))
             self.close("forward (language_model_inputs)", enc(pv), self.ref["image/language_model_inputs"])
+            # forward in stages (any split of the layers) is forward, bit for bit
+            n = enc.num_vision_layers()
+            self.assertGreater(n, 0)
+            h = enc.encode_start(pv)
+            for start in range(n):
+                h = enc.encode_layers(h, start, start + 1)
+            self.assertTrue(torch.equal(enc.encode_finish(h), enc(pv)))
+            whole = enc.encode_finish(enc.encode_layers(enc.encode_start(pv), 0, n))
+            self.assertTrue(torch.equal(whole, enc(pv)))
+            self.assertTrue(torch.equal(enc.encode_layers(h, n, n + 3), h))  # past the end: nothing
 
     def test_classes(self):
         self.assertEqual(self.manifest["classes"], CAPTION_CLASSES)

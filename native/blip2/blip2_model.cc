@@ -144,6 +144,7 @@ Napi::Value NativeBlip2Model::Load(const Napi::CallbackInfo& info) {
     options.max_queue = OptionInt(s, "maxQueue", options.max_queue, 0);
     options.prefill_chunk = OptionInt(s, "prefillChunk", 0, 1);  // 0: the Scheduler picks (device, export)
     options.encode_batch = OptionInt(s, "encodeBatch", 0, 1);
+    options.encode_layers = OptionInt(s, "encodeLayersPerStep", 0, 1);  // 0: from measured costs (CPU)
     options.batch_wait_us = static_cast<int64_t>(OptionInt(s, "batchWaitUs", options.batch_wait_us, 0));
     if (options.max_length > spec.max_length) {
       throw InvalidArgument("maxLength", std::to_string(options.max_length), "at most the model's " + std::to_string(spec.max_length) + " positions");
@@ -312,6 +313,9 @@ Napi::Value NativeBlip2Model::GetStats(const Napi::CallbackInfo& info) {
   o.Set("largestStepRows", static_cast<double>(s.largest_step_rows));
   o.Set("imageEncodes", static_cast<double>(s.image_encodes));
   o.Set("encodedImages", static_cast<double>(s.encoded_images));
+  o.Set("encodingImages", static_cast<double>(s.encoding_images));
+  o.Set("stagedEncodeCycles", static_cast<double>(s.staged_encode_cycles));
+  o.Set("stepPrefillBudget", static_cast<double>(s.step_prefill_budget));
   return o;
 }
 

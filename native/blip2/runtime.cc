@@ -37,6 +37,12 @@ Blip2Runtime::Blip2Runtime(ModelSpec spec, std::shared_ptr<LoadedModule> image_e
     const char* env = std::getenv("BLIP2_FUSED_PREFILL");
     if (!(env && std::string(env) == "off")) step_ = language_model_->module.get_method("step");
   }
+  const auto& encoder_methods = image_encoder_->methods;
+  const char* staged = std::getenv("BLIP2_STAGED_ENCODE");
+  if (!(staged && std::string(staged) == "off") && encoder_methods.count("num_vision_layers") && encoder_methods.count("encode_start") &&
+      encoder_methods.count("encode_layers") && encoder_methods.count("encode_finish")) {
+    vision_layers_ = image_encoder_->module.get_method("num_vision_layers")({}).toInt();
+  }
 }
 
 std::shared_ptr<Blip2Runtime> Blip2Runtime::Load(const ModelSpec& spec, std::function<void(int64_t)> on_weights) {
@@ -113,6 +119,19 @@ void Blip2Runtime::ChooseCpuKernels() {
 at::Tensor Blip2Runtime::EncodeImages(const at::Tensor& pixel_values) {
   at::Tensor pixels = pixel_values.to(spec_.device, spec_.dtype);
   return image_encoder_->module.forward({pixels}).toTensor();
+}
+
+at::Tensor Blip2Runtime::StartEncode(const at::Tensor& pixel_values) {
+  at::Tensor pixels = pixel_values.to(spec_.device, spec_.dtype);
+  return image_encoder_->module.get_method("encode_start")({pixels}).toTensor();
+}
+
+at::Tensor Blip2Runtime::EncodeLayers(const at::Tensor& hidden, int64_t start, int64_t end) {
+  return image_encoder_->module.get_method("encode_layers")({hidden, start, end}).toTensor();
+}
+
+at::Tensor Blip2Runtime::FinishEncode(const at::Tensor& hidden) {
+  return image_encoder_->module.get_method("encode_finish")({hidden}).toTensor();
 }
 
 at::Tensor Blip2Runtime::ResolveInputIds(const std::optional<at::Tensor>& input_ids, int64_t batch) const {

@@ -41,6 +41,14 @@ class Blip2Runtime {
 
   // pixel_values [B,3,H,W] (any float dtype, any device) → language_model_inputs [B,Q,E].
   at::Tensor EncodeImages(const at::Tensor& pixel_values);
+  // The same encode in stages, where the export has them (this exporter on; BLIP2_STAGED_ENCODE=off
+  // hides them): StartEncode → EncodeLayers over [0, vision_layers()) in any split → FinishEncode
+  // equals EncodeImages bit for bit. The scheduler spreads an encode over decode steps with them.
+  bool has_staged_encode() const { return vision_layers_ > 0; }
+  int64_t vision_layers() const { return vision_layers_; }
+  at::Tensor StartEncode(const at::Tensor& pixel_values);                        // → hidden [B,P+1,Dv]
+  at::Tensor EncodeLayers(const at::Tensor& hidden, int64_t start, int64_t end);  // layers start..end-1
+  at::Tensor FinishEncode(const at::Tensor& hidden);                             // → [B,Q,E]
   // Validated input ids [B,T] on the CPU: the caller's, or HF's default prompt when absent.
   at::Tensor ResolveInputIds(const std::optional<at::Tensor>& input_ids, int64_t batch) const;
   at::Tensor ResolveAttentionMask(const std::optional<at::Tensor>& attention_mask, const at::Tensor& input_ids) const;
@@ -87,6 +95,7 @@ class Blip2Runtime {
   torch::jit::Method forward_cached_;
   torch::jit::Method decode_;
   std::optional<torch::jit::Method> step_;              // OPT exports with `step`
+  int64_t vision_layers_ = 0;                           // 0: no staged encode
   std::optional<torch::jit::Method> encode_;            // T5
   std::optional<torch::jit::Method> fill_cross_cache_;  // T5
   std::vector<LinearDecision> linear_decisions_;

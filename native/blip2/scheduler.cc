@@ -137,6 +137,10 @@ class SchedulerTask : public Task {
 // (nobody waits then; the bounds are for the activations' memory).
 constexpr int64_t kIdlePrefillTokens = 2048;
 constexpr int64_t kIdleEncodeImages = 16;
+// Bounds of the measured prompt chunk: a floor so that prompts progress when a prompt position is
+// dear (it still adds at most ~one step on the mid model), and the fixed chunk's ceiling.
+constexpr int64_t kMinStepPrefill = 16;
+constexpr int64_t kMaxStepPrefill = 256;
 
 std::exception_ptr Disposed() {
   return std::make_exception_ptr(Error(ErrorCode::kDisposed, "the model was disposed before this generate() call finished"));
@@ -154,6 +158,10 @@ Scheduler::Scheduler(std::shared_ptr<Blip2Runtime> runtime, SchedulerOptions opt
   const bool cpu = runtime_->spec().device.is_cpu();
   if (options_.prefill_chunk == 0) options_.prefill_chunk = !cpu ? 1024 : runtime_->has_fused_step() ? 64 : 256;
   if (options_.encode_batch == 0) options_.encode_batch = cpu ? 1 : 16;
+  // Sized by costs measured in this process's cycles: on a CUDA device the host-side times of
+  // asynchronous calls are not their costs, so there the fixed sizes stay.
+  staged_ = runtime_->has_staged_encode() && (cpu || options_.encode_layers > 0);
+  adaptive_chunk_ = cpu && options.prefill_chunk == 0 && runtime_->has_fused_step();
   cache_ = std::make_unique<SlotCache>(runtime_->CacheShapes(options_.slots, options_.max_length), runtime_->spec().dtype,
                                        runtime_->spec().device);
   slot_table_.assign(options_.slots, Slot());
@@ -237,8 +245,14 @@ void Scheduler::PublishStats() {
       }
     }
   }
+  int64_t encoding = 0;
+  if (encoding_) {
+    for (auto& r : encoding_->requests) calls += !r->settled;
+    encoding = encoding_->hidden.size(0);
+  }
   int64_t in_use = 0;
   for (const Slot& s : slot_table_) in_use += s.owner != nullptr;
+  const int64_t budget = PrefillBudget();
   std::lock_guard<std::mutex> lock(mutex_);
   stats_.queued = static_cast<int64_t>(queue_.size());
   stats_.running_calls = calls;
@@ -258,6 +272,16 @@ void Scheduler::PublishStats() {
   stats_.largest_step_rows = largest_step_rows_;
   stats_.image_encodes = image_encodes_;
   stats_.encoded_images = encoded_images_;
+  stats_.encoding_images = encoding;
+  stats_.staged_encode_cycles = staged_encode_cycles_;
+  stats_.step_prefill_budget = budget;
+}
+
+int64_t Scheduler::PrefillBudget() const {
+  // Auto (CPU, fused step): as many prompt positions as add about one pure decode step to the
+  // step that carries them, once both costs are measured; the fixed chunk before that.
+  if (!adaptive_chunk_ || pure_step_ms_ <= 0 || prompt_position_ms_ <= 0) return options_.prefill_chunk;
+  return std::clamp<int64_t>(static_cast<int64_t>(pure_step_ms_ / prompt_position_ms_), kMinStepPrefill, kMaxStepPrefill);
 }
 
 bool Scheduler::Cycle() {
@@ -288,7 +312,14 @@ bool Scheduler::Cycle() {
   DropClosedAndCancelled();
   try {
     Admit();
+    // The cycle's extra work beside the decode step is sized to about one pure step: the prompt
+    // chunk first (its calls are closer to their first token), then vision layers with what is left.
+    auto started = std::chrono::steady_clock::now();
     Prefill();
+    double prefill_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
+    int64_t step_positions = 0;
+    for (const PrefillRow& row : step_prefill_) step_positions += row.width;
+    AdvanceEncoding(pure_step_ms_ - prefill_ms - static_cast<double>(step_positions) * prompt_position_ms_);
     DecodeStep();
   } catch (...) {
     // A failure outside one call's own work (the shared decode step): every running call gets
@@ -298,7 +329,7 @@ bool Scheduler::Cycle() {
   }
   PublishStats();
   std::lock_guard<std::mutex> lock(mutex_);
-  if (queue_.empty() && active_.empty() && !disposing_) {
+  if (queue_.empty() && active_.empty() && !encoding_ && !disposing_) {
     scheduled_ = false;
     return true;
   }
@@ -315,6 +346,14 @@ void Scheduler::FailAll(std::exception_ptr error) noexcept {
     for (auto& r : queued) {
       r->Settle(error, {}, {});
       ++failed_;
+    }
+    if (encoding_) {
+      for (auto& r : encoding_->requests) {
+        if (r->settled) continue;
+        r->Settle(error, {}, {});
+        ++failed_;
+      }
+      encoding_.reset();
     }
     for (auto& r : std::vector<std::shared_ptr<Request>>(active_)) Finish(*r, error);
     PublishStats();
@@ -337,18 +376,18 @@ void Scheduler::DropClosedAndCancelled() {
   }
   for (auto& r : aborted) {
     if (r->channel->closed()) continue;  // the environment is gone: nobody to tell
-    if (r->stop_on_abort) {
-      try {
-        // Nothing generated yet: each returned row is its input ids alone.
-        std::optional<at::Tensor> given;
-        if (r->inputs.input_ids) given = r->inputs.input_ids->Get();
-        at::Tensor ids = runtime_->ResolveInputIds(given, r->batch);
-        r->Settle(nullptr, ids.repeat_interleave(r->options.num_return_sequences, 0).contiguous(), {});
-        continue;
-      } catch (...) {
+    SettleAborted(*r, nullptr);
+  }
+  if (encoding_) {
+    for (size_t k = 0; k < encoding_->requests.size(); ++k) {
+      Request& r = *encoding_->requests[k];
+      if (r.settled) continue;
+      if (r.channel->closed()) {
+        r.settled = true;
+      } else if (r.cancelled()) {
+        SettleAborted(r, &encoding_->ids_and_masks[k].first);
       }
     }
-    r->Settle(std::make_exception_ptr(Error(ErrorCode::kAborted, "generation was aborted")), {}, {});
   }
   for (auto& r : std::vector<std::shared_ptr<Request>>(active_)) {
     if (r->channel->closed()) {
@@ -361,7 +400,28 @@ void Scheduler::DropClosedAndCancelled() {
   }
 }
 
+void Scheduler::SettleAborted(Request& r, const at::Tensor* input_ids) {
+  if (r.stop_on_abort) {
+    try {
+      // Nothing generated yet: each returned row is its input ids alone.
+      at::Tensor ids;
+      if (input_ids) {
+        ids = *input_ids;
+      } else {
+        std::optional<at::Tensor> given;
+        if (r.inputs.input_ids) given = r.inputs.input_ids->Get();
+        ids = runtime_->ResolveInputIds(given, r.batch);
+      }
+      r.Settle(nullptr, ids.repeat_interleave(r.options.num_return_sequences, 0).contiguous(), {});
+      return;
+    } catch (...) {
+    }
+  }
+  r.Settle(std::make_exception_ptr(Error(ErrorCode::kAborted, "generation was aborted")), {}, {});
+}
+
 void Scheduler::Admit() {
+  if (encoding_) return;  // the queue waits behind the encode in progress
   int64_t free = 0;
   for (const Slot& s : slot_table_) free += s.owner == nullptr;
   std::vector<std::shared_ptr<Request>> taken;
@@ -421,27 +481,101 @@ void Scheduler::Admit() {
     }
   }
   if (ready.empty()) return;
-  at::Tensor query_embeds;
-  try {
-    query_embeds = runtime_->EncodeImages(pixels.size() == 1 ? pixels[0] : at::cat(pixels, 0));
+  Encoding e;
+  e.requests = std::move(ready);
+  e.ids_and_masks = std::move(ids_and_masks);
+  for (const at::Tensor& pv : pixels) e.batches.push_back(pv.size(0));
+  at::Tensor all = pixels.size() == 1 ? pixels[0] : at::cat(pixels, 0);
+  if (!staged_ || running_count_ == 0) {
+    // Nobody waits for it (or it cannot be split): the whole encode now.
+    at::Tensor query_embeds;
+    try {
+      query_embeds = runtime_->EncodeImages(all);
+    } catch (...) {
+      std::exception_ptr error = std::current_exception();
+      for (auto& r : e.requests) {
+        r->Settle(error, {}, {});
+        ++failed_;
+      }
+      return;
+    }
     ++image_encodes_;
     encoded_images_ += query_embeds.size(0);
+    Place(e, query_embeds);
+    return;
+  }
+  try {
+    e.hidden = runtime_->StartEncode(all);
   } catch (...) {
     std::exception_ptr error = std::current_exception();
-    for (auto& r : ready) {
+    for (auto& r : e.requests) {
       r->Settle(error, {}, {});
       ++failed_;
     }
     return;
   }
+  encoding_ = std::move(e);
+}
+
+void Scheduler::AdvanceEncoding(double budget_ms) {
+  if (!encoding_) return;
+  Encoding& e = *encoding_;
+  if (std::all_of(e.requests.begin(), e.requests.end(), [](const auto& r) { return r->settled; })) {
+    encoding_.reset();  // every call of it was aborted
+    return;
+  }
+  const int64_t layers = runtime_->vision_layers();
+  const int64_t images = e.hidden.size(0);
+  int64_t count = layers - e.next_layer;
+  if (running_count_ > 0 && options_.encode_layers > 0) {
+    count = std::min(count, options_.encode_layers);
+  } else if (running_count_ > 0) {
+    // The first layer measures the cost; then as many as the budget holds, at least one.
+    count = image_layer_ms_ <= 0 ? 1
+                                 : std::clamp<int64_t>(static_cast<int64_t>(budget_ms / (image_layer_ms_ * static_cast<double>(images))),
+                                                       1, count);
+  }
+  at::Tensor query_embeds;
+  try {
+    if (count > 0) {
+      auto started = std::chrono::steady_clock::now();
+      e.hidden = runtime_->EncodeLayers(e.hidden, e.next_layer, e.next_layer + count);
+      double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
+      double per = ms / static_cast<double>(count * images);
+      image_layer_ms_ = image_layer_ms_ <= 0 ? per : 0.8 * image_layer_ms_ + 0.2 * per;
+      e.next_layer += count;
+      staged_encode_cycles_ += running_count_ > 0;
+    }
+    if (e.next_layer < layers) return;
+    query_embeds = runtime_->FinishEncode(e.hidden);
+  } catch (...) {
+    std::exception_ptr error = std::current_exception();
+    for (auto& r : e.requests) {
+      if (r->settled) continue;
+      r->Settle(error, {}, {});
+      ++failed_;
+    }
+    encoding_.reset();
+    return;
+  }
+  ++image_encodes_;
+  encoded_images_ += images;
+  Encoding done = std::move(*encoding_);
+  encoding_.reset();
+  Place(done, query_embeds);
+}
+
+void Scheduler::Place(Encoding& done, const at::Tensor& query_embeds) {
+  const ModelSpec& spec = runtime_->spec();
   int64_t offset = 0;
-  for (size_t k = 0; k < ready.size(); ++k) {
-    auto& r = ready[k];
-    const int64_t batch = pixels[k].size(0);
+  for (size_t k = 0; k < done.requests.size(); ++k) {
+    auto& r = done.requests[k];
+    const int64_t batch = done.batches[k];
     at::Tensor queries = query_embeds.narrow(0, offset, batch);
     offset += batch;
+    if (r->settled) continue;  // aborted while its image was encoded
     try {
-      const auto& [ids, mask] = ids_and_masks[k];
+      const auto& [ids, mask] = done.ids_and_masks[k];
       PreparedPrompts prompts = runtime_->Prepare(queries, ids, mask);
       int64_t longest = *std::max_element(prompts.lengths.begin(), prompts.lengths.end());
       int64_t b_longest = std::max_element(prompts.lengths.begin(), prompts.lengths.end()) - prompts.lengths.begin();
@@ -529,7 +663,7 @@ void Scheduler::Prefill() {
   // and start decoding in the same step.
   const bool decoding = running_count_ > 0;
   std::vector<std::vector<PrefillRow>> groups =
-      PlanPrefill(decoding ? options_.prefill_chunk : std::max<int64_t>(options_.prefill_chunk, kIdlePrefillTokens));
+      PlanPrefill(decoding ? PrefillBudget() : std::max<int64_t>(options_.prefill_chunk, kIdlePrefillTokens));
   if (groups.empty()) return;
   if (decoding && runtime_->has_fused_step()) {
     // The widest group rides in this cycle's decode step (one pass over the weights for both);
@@ -839,6 +973,14 @@ void Scheduler::DecodeStep() {
   }
   double ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
   last_step_ms_ = ms;
+  if (prompt_rows.empty()) {
+    pure_step_ms_ = pure_step_ms_ <= 0 ? ms : 0.8 * pure_step_ms_ + 0.2 * ms;
+  } else if (pure_step_ms_ > 0) {
+    int64_t positions_in_step = 0;
+    for (const PrefillRow& row : prompt_rows) positions_in_step += row.width;
+    double per = std::max(0.0, ms - pure_step_ms_) / static_cast<double>(positions_in_step);
+    prompt_position_ms_ = prompt_position_ms_ <= 0 ? per : 0.8 * prompt_position_ms_ + 0.2 * per;
+  }
   double rate = ms > 0 ? 1000.0 * static_cast<double>(n) / ms : 0;
   tokens_per_second_ = tokens_per_second_ == 0 ? rate : 0.8 * tokens_per_second_ + 0.2 * rate;
 }

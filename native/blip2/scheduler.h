@@ -4,17 +4,18 @@
 // possible:
 //   1. admission: queued calls whose sequences fit in the free slots are taken in order; their
 //      images go through vision → Q-Former → projection as one batch. While sequences decode, at
-//      most encode_batch images (CPU: 1, ~25 ms on the mid model), since the running sequences
-//      wait for that encode; an idle model takes up to 16, which nobody waits for;
-//   2. prefill: prompts are written into their slots in chunks of at most `prefill_chunk` tokens
-//      per cycle while other sequences decode (with none decoding, up to 2048 tokens go at once
-//      in separate calls). Where the export has `step`, one chunk group rides in the decode
-//      step's own language-model call, so the weights are read once per cycle for both; the
-//      chunk's compute still adds to that step. On 2 Zen 5 cores with the mid model (16-row
-//      step ~20 ms, a prompt token ~0.7 ms separately), calls arriving out of step saw gaps
-//      between two tokens of p99 207-271 ms with separate calls of 256 tokens and 16 images,
-//      and p99 94-99 ms, p50 ~70 ms with the fused step, 64 tokens and 1 image, at 12% more
-//      requests/s (bench/throughput.ts --stagger 70; bench/RESULTS.md, 2026-12-03 19:00);
+//      most encode_batch images (CPU: 1), and, where the export has the staged methods, a few
+//      vision layers per cycle (encode_layers; CPU default: what fits in the cycle's budget below),
+//      so an encode (~25 ms on the mid model, ~15 decode steps of OPT-2.7B) is spread over steps;
+//      an idle model encodes up to 16 images at once, which nobody waits for;
+//   2. prefill: prompts are written into their slots in chunks while other sequences decode (with
+//      none decoding, up to 2048 tokens go at once in separate calls). Where the export has `step`,
+//      one chunk group rides in the decode step's own language-model call, so the weights are read
+//      once per cycle for both; the chunk's compute still adds to that step. On the CPU the chunk
+//      and the vision layers of a cycle are sized together to about one pure decode step, from
+//      costs measured as the model runs (EMAs of a step without prompt, of what a prompt position
+//      adds to a step, of a vision layer per image), so a running sequence waits about two steps'
+//      time at most between two tokens. Measured: bench/RESULTS.md (bench/throughput.ts --stagger);
 //   3. decode: one step for every running sequence of every call, in one language-model call.
 //      Running sequences always occupy slots 0..n-1 (a finished sequence's slot is refilled by
 //      moving another one in, once), so the step reads the cache through views, never a gather;
@@ -53,6 +54,10 @@ struct SchedulerOptions {
   // Images encoded together per cycle at most while sequences decode (idle: at least 16); 0: 1 on
   // the CPU, 16 on CUDA.
   int64_t encode_batch = 0;
+  // Vision layers of an encode run per cycle while sequences decode, where the export has the
+  // staged methods; 0: on the CPU as many as fit beside the prompt chunk in about one pure decode
+  // step (measured), on CUDA the whole encode at once.
+  int64_t encode_layers = 0;
   // An idle model waits this long after a call arrives for more to encode with it (calls that
   // finished together come back a few ms apart): their images are encoded and their prompts
   // prefilled together, and their sequences then decode in step.
@@ -85,8 +90,11 @@ struct SchedulerStats {
   double tokens_per_second = 0;
   double last_step_ms = 0;
   int64_t largest_step_rows = 0;
-  int64_t image_encodes = 0;   // vision encoder calls of admission
+  int64_t image_encodes = 0;   // image encodes of admission (whole or in stages)
   int64_t encoded_images = 0;  // images through them
+  int64_t encoding_images = 0;       // images in the staged encode now
+  int64_t staged_encode_cycles = 0;  // cycles that ran vision layers of a staged encode beside decoding
+  int64_t step_prefill_budget = 0;   // prompt positions the next decode step may carry
 };
 
 class Request;
@@ -121,6 +129,26 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
 
   void EnsureScheduled();  // caller holds mutex_
   void Admit();
+  // Calls taken from the queue whose images are in the vision encoder, in stages: a few layers per
+  // cycle while sequences decode (CPU exports with the staged methods), else all at once. One at a
+  // time; the queue waits behind it. Its calls hold no slots yet (they are free when it is done:
+  // only admission takes slots).
+  struct Encoding {
+    std::vector<std::shared_ptr<Request>> requests;
+    std::vector<std::pair<at::Tensor, at::Tensor>> ids_and_masks;  // per request
+    std::vector<int64_t> batches;                                   // images per request
+    at::Tensor hidden;                                              // [images, P+1, Dv]
+    int64_t next_layer = 0;
+  };
+  // Runs vision layers of encoding_ within `budget_ms` (at least one; all with nothing decoding),
+  // and admits its calls when the last is done.
+  void AdvanceEncoding(double budget_ms);
+  // Prompts of encoded calls into their groups and slots; `query_embeds` rows follow `requests`.
+  void Place(Encoding& done, const at::Tensor& query_embeds);
+  // A call that ends before its first token (aborted in the queue or in the encoder).
+  void SettleAborted(Request& r, const at::Tensor* input_ids);
+  // Prompt tokens this cycle may carry while sequences decode.
+  int64_t PrefillBudget() const;
   // A prompt row of a prefill call: positions start..start+count-1 of prompt `prompt`, padded to
   // its group's `width`.
   struct PrefillRow {
@@ -170,12 +198,19 @@ class Scheduler : public std::enable_shared_from_this<Scheduler> {
   std::vector<Slot> slot_table_;
   int64_t running_count_ = 0;  // slots 0..running_count_-1 hold the running sequences
   std::vector<PrefillRow> step_prefill_;  // prompt rows that go into this cycle's decode step
+  std::optional<Encoding> encoding_;
+  // The costs a cycle's extra work is sized by (CPU; EMAs over this model's own cycles): a decode
+  // step with no prompt in it, what one prompt position adds to a step, one vision layer for one
+  // image. 0: not measured yet.
+  bool staged_ = false;          // encodes in stages, sized by the costs
+  bool adaptive_chunk_ = false;  // the prompt tokens per step too (prefillChunk not given)
+  double pure_step_ms_ = 0, prompt_position_ms_ = 0, image_layer_ms_ = 0;
   double tokens_per_second_ = 0;
   int64_t completed_ = 0, failed_ = 0, decode_steps_ = 0, generated_tokens_ = 0, prefill_tokens_ = 0, prefill_padding_tokens_ = 0;
   int64_t step_prefill_tokens_ = 0;
   double last_step_ms_ = 0;
   int64_t largest_step_rows_ = 0;
-  int64_t image_encodes_ = 0, encoded_images_ = 0;
+  int64_t image_encodes_ = 0, encoded_images_ = 0, staged_encode_cycles_ = 0;
 };
 
 }  // namespace blip2

@@ -53,19 +53,28 @@ export interface FromPretrainedOptions {
    * prompts interleave with decoding: smaller holds running sequences up less, larger admits new
    * calls faster (with nothing decoding, up to 2048 go at once). An OPT export with the `step`
    * method (this exporter's) writes them inside the decode step's own language-model call, one
-   * pass over the weights for both. Default on the CPU 64 with `step` (256 without), 1024 on CUDA.
-   * Measured on 2 Zen 5 cores, mid-size model, calls arriving out of step: a 16-row decode step
-   * takes ~20 ms, with a chunk of 64 prompt tokens in it ~50 ms; a separate prefill call costs
-   * ~0.7 ms per prompt token (bench/RESULTS.md has the figures).
+   * pass over the weights for both. Default on the CPU with `step`: as many as add about one decode
+   * step to the step that carries them, from the costs the model measures as it runs (16 to 256;
+   * 64 until measured); 256 without `step`, 1024 on CUDA. Measured on 2 Zen 5 cores, mid-size
+   * model, calls arriving out of step: a 16-row decode step takes ~20 ms, with a chunk of 64
+   * prompt tokens in it ~50 ms; a separate prefill call costs ~0.7 ms per prompt token
+   * (bench/RESULTS.md has the figures). `model.stats().stepPrefillBudget` shows the current value.
    */
   prefillChunk?: number;
   /**
-   * Images of waiting calls encoded together per cycle at most while other sequences decode; they
-   * wait for that encode (2 Zen 5 cores, mid-size model: 25 ms for one image, 22 ms per image in a
-   * batch of 16). With nothing decoding, nobody waits: at least 16 go together. Default 1 on the
-   * CPU, 16 on CUDA.
+   * Images of waiting calls encoded together per cycle at most while other sequences decode (2 Zen
+   * 5 cores, mid-size model: 25 ms for one image, 22 ms per image in a batch of 16). With nothing
+   * decoding, nobody waits: at least 16 go together. Default 1 on the CPU, 16 on CUDA.
    */
   encodeBatch?: number;
+  /**
+   * Vision layers of an image encode run per cycle while other sequences decode, so that an encode
+   * (a ViT-g one is ~15 decode steps of OPT-2.7B on a CPU) is spread over several steps instead of
+   * holding them all up at once. Exports from this version on have the staged methods; older ones
+   * are encoded whole. Default on the CPU: as many as fit, beside the prompt chunk, in about one
+   * decode step (measured as the model runs); on CUDA the whole encode at once.
+   */
+  encodeLayersPerStep?: number;
   /**
    * Milliseconds an idle model waits, after a call arrives, for more calls to encode with it (calls
    * that finished together come back a few ms apart). 0 admits at once. Default 2.
@@ -494,6 +503,7 @@ function schedulerOptions(options: FromPretrainedOptions, manifest: Manifest, dt
   // Absent: the native scheduler picks them for the device and the export (scheduler.h).
   const prefillChunk = options.prefillChunk === undefined ? undefined : integer('prefillChunk', options.prefillChunk, 1);
   const encodeBatch = options.encodeBatch === undefined ? undefined : integer('encodeBatch', options.encodeBatch, 1);
+  const encodeLayersPerStep = options.encodeLayersPerStep === undefined ? undefined : integer('encodeLayersPerStep', options.encodeLayersPerStep, 1);
   const batchWaitMs = finite('batchWaitMs', options.batchWaitMs ?? 2, (v) => v >= 0 && v <= 1000, 'a number of milliseconds from 0 to 1000');
   const kvCacheMaxBytes = positiveInteger('kvCacheMaxBytes', options.kvCacheMaxBytes, DEFAULT_KV_CACHE_MAX_BYTES);
   const lm = manifest.language_model;
@@ -505,7 +515,7 @@ function schedulerOptions(options: FromPretrainedOptions, manifest: Manifest, dt
     throw InvalidArgumentError.of('kvCacheMaxBytes', kvCacheMaxBytes,
       `at least ${bytesPerSlot} (one sequence of maxLength ${maxLength} needs that much KV cache; lower maxLength or raise kvCacheMaxBytes)`);
   }
-  return { slots, maxLength, maxQueue, prefillChunk, encodeBatch, batchWaitUs: Math.round(batchWaitMs * 1000) };
+  return { slots, maxLength, maxQueue, prefillChunk, encodeBatch, encodeLayersPerStep, batchWaitUs: Math.round(batchWaitMs * 1000) };
 }
 
 /** A ModelLoadError unless the folder's manifest lists `name` among the classes it serves. */
