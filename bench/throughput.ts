@@ -8,8 +8,9 @@
 // --stagger MS: client c of a level starts c * MS after the first, so calls arrive out of step (as
 // real traffic does) instead of in waves; then the child also records every request's gaps between
 // two steps (onStep) and prints their p50/p90/p99/max: how long running sequences were held up by
-// the encodes and prefills of calls arriving meanwhile. --prefill-chunk N / --encode-batch N: the
-// model's options of those names (default: the library's).
+// the encodes and prefills of calls arriving meanwhile. --prefill-chunk N / --encode-batch N /
+// --encode-layers N / --stall-budget X: the model's options prefillChunk, encodeBatch,
+// encodeLayersPerStep, stallBudget (default: the library's).
 //
 // --rounds R: every level R times, the order reversed in every other round, so each level is
 // measured next to the others (this VM's speed moves 20-40% within minutes, and a memory-bound
@@ -59,7 +60,11 @@ async function child(): Promise<void> {
   };
   const prefillChunk = optional('prefill-chunk');
   const encodeBatch = optional('encode-batch');
-  const model = await Blip2ForConditionalGeneration.fromPretrained(modelDir, { maxBatchSize, attention, prefillChunk, encodeBatch });
+  const encodeLayersPerStep = optional('encode-layers');
+  const stallBudget = optional('stall-budget');
+  const model = await Blip2ForConditionalGeneration.fromPretrained(modelDir, {
+    maxBatchSize, attention, prefillChunk, encodeBatch, encodeLayersPerStep, stallBudget,
+  });
   const size = imageSize(model);
   const inputs = (await makeRequests(modelDir, ITEMS)).map((r) => ({
     pixelValues: Tensor.from(r.pixels, [1, 3, size, size]),
@@ -95,6 +100,7 @@ async function child(): Promise<void> {
     mean_step_rows: round((after.generatedTokens - before.generatedTokens - r.completed) / Math.max(steps, 1), 2),
     largest_step_rows: after.largestStepRows,
     mean_encode_images: round((after.encodedImages - before.encodedImages) / Math.max(after.imageEncodes - before.imageEncodes, 1), 2),
+    staged_encode_cycles: after.stagedEncodeCycles - before.stagedEncodeCycles, step_prefill_budget: after.stepPrefillBudget,
     ...(stagger > 0 ? {
       stagger_ms: stagger, step_gap_p50_ms: round(quantile(gaps, 0.5), 1), step_gap_p90_ms: round(quantile(gaps, 0.9), 1),
       step_gap_p99_ms: round(quantile(gaps, 0.99), 1), step_gap_max_ms: round(quantile(gaps, 1), 1),
@@ -120,7 +126,7 @@ async function main(): Promise<void> {
 
   const rounds = Number(arg('rounds', '1'));
   // The child options given here, passed on as they are.
-  const passed = ['stagger', 'prefill-chunk', 'encode-batch'].flatMap((name) => (arg(name, '') ? [`--${name}`, arg(name, '')] : []));
+  const passed = ['stagger', 'prefill-chunk', 'encode-batch', 'encode-layers', 'stall-budget'].flatMap((name) => (arg(name, '') ? [`--${name}`, arg(name, '')] : []));
   const runs = new Map<number, Record<string, any>[]>(levels.map((c) => [c, []]));  // per level, in round order
   for (let roundIndex = 0; roundIndex < rounds; roundIndex++) {
     for (const c of roundIndex % 2 === 0 ? levels : [...levels].reverse()) {

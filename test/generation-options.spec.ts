@@ -386,6 +386,10 @@ describe('generate: options, stopping, sampling, streaming, errors', () => {
         await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { batchWaitMs: batchWaitMs as never }),
           (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'batchWaitMs' && /from 0 to 1000/.test(e.message));
       }
+      for (const stallBudget of [0, -1, Number.NaN, 65, '2']) {
+        await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { stallBudget: stallBudget as never }),
+          (e: unknown) => e instanceof InvalidArgumentError && e.argument === 'stallBudget' && /above 0, at most 64/.test(e.message));
+      }
       for (const name of ['encodeBatch', 'encodeLayersPerStep', 'prefillChunk'] as const) {
         for (const value of [0, 1.5, '4']) {
           await assert.rejects(Blip2ForConditionalGeneration.fromPretrained(broken, { [name]: value as never }),

@@ -293,6 +293,8 @@ export interface NativeSchedulerOptions {
   encodeBatch?: number;
   /** Vision layers of an encode per cycle while sequences decode; absent: from measured costs (CPU), whole (CUDA). */
   encodeLayersPerStep?: number;
+  /** Work for arriving calls per cycle beside the decode step, in pure decode steps (CPU); absent: 2. */
+  stallBudget?: number;
   /** Microseconds an idle model waits for more calls to encode with the first. */
   batchWaitUs: number;
 }

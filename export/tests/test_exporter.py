@@ -95,8 +95,9 @@ class CommandLine(unittest.TestCase):
         self.assertNotIn("language_model.lm_head.weight", stored)
         for entry in modules.values():
             self.assertEqual(set(entry["parameters"].values()) - stored, set())
-        self.assertEqual(sorted(IMAGE_ENCODER_METHODS), ["forward", "language_projection", "qformer", "qformer_forward",
-                                                         "vision_model"])
+        self.assertEqual(sorted(IMAGE_ENCODER_METHODS), ["encode_finish", "encode_layers", "encode_start", "forward",
+                                                         "language_projection", "num_vision_layers", "qformer",
+                                                         "qformer_forward", "vision_model"])
         self.assertEqual(sorted(LANGUAGE_MODEL_METHODS), ["decode", "embed_tokens", "forward_cached", "forward_full",
                                                           "step", "text_hidden_states"])
 

@@ -145,6 +145,11 @@ Napi::Value NativeBlip2Model::Load(const Napi::CallbackInfo& info) {
     options.prefill_chunk = OptionInt(s, "prefillChunk", 0, 1);  // 0: the Scheduler picks (device, export)
     options.encode_batch = OptionInt(s, "encodeBatch", 0, 1);
     options.encode_layers = OptionInt(s, "encodeLayersPerStep", 0, 1);  // 0: from measured costs (CPU)
+    if (Napi::Value v = s.Get("stallBudget"); !v.IsUndefined()) {
+      double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
+      if (!(d > 0 && d <= 64)) throw InvalidArgument("scheduler.stallBudget", v.ToString().Utf8Value(), "a number of decode steps above 0, at most 64");
+      options.stall_budget = d;
+    }
     options.batch_wait_us = static_cast<int64_t>(OptionInt(s, "batchWaitUs", options.batch_wait_us, 0));
     if (options.max_length > spec.max_length) {
       throw InvalidArgument("maxLength", std::to_string(options.max_length), "at most the model's " + std::to_string(spec.max_length) + " positions");

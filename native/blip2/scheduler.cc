@@ -281,7 +281,7 @@ int64_t Scheduler::PrefillBudget() const {
   // Auto (CPU, fused step): as many prompt positions as add about one pure decode step to the
   // step that carries them, once both costs are measured; the fixed chunk before that.
   if (!adaptive_chunk_ || pure_step_ms_ <= 0 || prompt_position_ms_ <= 0) return options_.prefill_chunk;
-  return std::clamp<int64_t>(static_cast<int64_t>(pure_step_ms_ / prompt_position_ms_), kMinStepPrefill, kMaxStepPrefill);
+  return std::clamp<int64_t>(static_cast<int64_t>(options_.stall_budget * pure_step_ms_ / prompt_position_ms_), kMinStepPrefill, kMaxStepPrefill);
 }
 
 bool Scheduler::Cycle() {
@@ -319,7 +319,7 @@ bool Scheduler::Cycle() {
     double prefill_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
     int64_t step_positions = 0;
     for (const PrefillRow& row : step_prefill_) step_positions += row.width;
-    AdvanceEncoding(pure_step_ms_ - prefill_ms - static_cast<double>(step_positions) * prompt_position_ms_);
+    AdvanceEncoding(options_.stall_budget * pure_step_ms_ - prefill_ms - static_cast<double>(step_positions) * prompt_position_ms_);
     DecodeStep();
   } catch (...) {
     // A failure outside one call's own work (the shared decode step): every running call gets

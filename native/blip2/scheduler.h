@@ -5,17 +5,17 @@
 //   1. admission: queued calls whose sequences fit in the free slots are taken in order; their
 //      images go through vision → Q-Former → projection as one batch. While sequences decode, at
 //      most encode_batch images (CPU: 1), and, where the export has the staged methods, a few
-//      vision layers per cycle (encode_layers; CPU default: what fits in the cycle's budget below),
+//      vision layers per cycle (encode_layers; CPU default: what fits in the budget of item 2),
 //      so an encode (~25 ms on the mid model, ~15 decode steps of OPT-2.7B) is spread over steps;
 //      an idle model encodes up to 16 images at once, which nobody waits for;
 //   2. prefill: prompts are written into their slots in chunks while other sequences decode (with
 //      none decoding, up to 2048 tokens go at once in separate calls). Where the export has `step`,
 //      one chunk group rides in the decode step's own language-model call, so the weights are read
 //      once per cycle for both; the chunk's compute still adds to that step. On the CPU the chunk
-//      and the vision layers of a cycle are sized together to about one pure decode step, from
+//      and the vision layers of a cycle are sized together to stall_budget pure decode steps, from
 //      costs measured as the model runs (EMAs of a step without prompt, of what a prompt position
-//      adds to a step, of a vision layer per image), so a running sequence waits about two steps'
-//      time at most between two tokens. Measured: bench/RESULTS.md (bench/throughput.ts --stagger);
+//      adds to a step, of a vision layer per image), so a running sequence waits about
+//      1 + stall_budget steps' time at most between two tokens (bench/throughput.ts --stagger);
 //   3. decode: one step for every running sequence of every call, in one language-model call.
 //      Running sequences always occupy slots 0..n-1 (a finished sequence's slot is refilled by
 //      moving another one in, once), so the step reads the cache through views, never a gather;
@@ -58,6 +58,13 @@ struct SchedulerOptions {
   // staged methods; 0: on the CPU as many as fit beside the prompt chunk in about one pure decode
   // step (measured), on CUDA the whole encode at once.
   int64_t encode_layers = 0;
+  // The work for arriving calls (vision layers, prompt positions) a cycle may add beside its decode
+  // step, in pure decode steps (CPU, from the measured costs): running sequences wait about
+  // 1 + stall_budget steps' time at most between two tokens. 2: on 2 Intel Xeon cores with the mid
+  // model and calls arriving out of step, 1 held the gaps between two tokens to p99 74 ms but gave
+  // 6.4 req/s (the arriving calls' encodes and prompts no longer keep the 16 slots filled: 6.5 rows
+  // per step); 2 gave 8.6 req/s (13.2 rows) at p99 118 ms, as before the budget (bench/RESULTS.md).
+  double stall_budget = 2.0;
   // An idle model waits this long after a call arrives for more to encode with it (calls that
   // finished together come back a few ms apart): their images are encoded and their prompts
   // prefilled together, and their sequences then decode in step.

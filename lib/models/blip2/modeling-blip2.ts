@@ -76,6 +76,19 @@ export interface FromPretrainedOptions {
    */
   encodeLayersPerStep?: number;
   /**
+   * How much work for arriving calls (their image encode and prompt) a decode step may carry while
+   * other sequences decode, in units of a decode step's own time, measured as the model runs (CPU):
+   * running sequences then wait about 1 + stallBudget steps at most between two tokens. Larger
+   * admits arriving calls faster, for more requests/s when calls arrive out of step. Measured on 2
+   * Intel Xeon cores, mid-size model, 16 clients 70 ms apart (bench/RESULTS.md): 1 gave gaps
+   * between two tokens of p99 66-74 ms at 6.4-6.5 req/s (too little admission work per step to
+   * keep the slots filled); 1.6 gave p99 112 ms at 8.3 req/s; 2 p99 118 ms at 8.6 req/s. Default 2:
+   * requests/s first; 1 for the smoothest streams.
+   * With prefillChunk given, that chunk is taken as it is and image layers get what is left; on
+   * CUDA (where host-side times are not costs) neither is sized by it.
+   */
+  stallBudget?: number;
+  /**
    * Milliseconds an idle model waits, after a call arrives, for more calls to encode with it (calls
    * that finished together come back a few ms apart). 0 admits at once. Default 2.
    */
@@ -504,6 +517,8 @@ function schedulerOptions(options: FromPretrainedOptions, manifest: Manifest, dt
   const prefillChunk = options.prefillChunk === undefined ? undefined : integer('prefillChunk', options.prefillChunk, 1);
   const encodeBatch = options.encodeBatch === undefined ? undefined : integer('encodeBatch', options.encodeBatch, 1);
   const encodeLayersPerStep = options.encodeLayersPerStep === undefined ? undefined : integer('encodeLayersPerStep', options.encodeLayersPerStep, 1);
+  const stallBudget = options.stallBudget === undefined ? undefined
+    : finite('stallBudget', options.stallBudget, (v) => v > 0 && v <= 64, 'a number of decode steps above 0, at most 64');
   const batchWaitMs = finite('batchWaitMs', options.batchWaitMs ?? 2, (v) => v >= 0 && v <= 1000, 'a number of milliseconds from 0 to 1000');
   const kvCacheMaxBytes = positiveInteger('kvCacheMaxBytes', options.kvCacheMaxBytes, DEFAULT_KV_CACHE_MAX_BYTES);
   const lm = manifest.language_model;
@@ -515,7 +530,7 @@ function schedulerOptions(options: FromPretrainedOptions, manifest: Manifest, dt
     throw InvalidArgumentError.of('kvCacheMaxBytes', kvCacheMaxBytes,
       `at least ${bytesPerSlot} (one sequence of maxLength ${maxLength} needs that much KV cache; lower maxLength or raise kvCacheMaxBytes)`);
   }
-  return { slots, maxLength, maxQueue, prefillChunk, encodeBatch, encodeLayersPerStep, batchWaitUs: Math.round(batchWaitMs * 1000) };
+  return { slots, maxLength, maxQueue, prefillChunk, encodeBatch, encodeLayersPerStep, stallBudget, batchWaitUs: Math.round(batchWaitMs * 1000) };
 }
 
 /** A ModelLoadError unless the folder's manifest lists `name` among the classes it serves. */
