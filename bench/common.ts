@@ -38,6 +38,11 @@ export function prepare(preset: string): { checkpoint: string; modelDir: string 
   const checkpoint = preset === 'tiny' ? path.join(ROOT, 'test', 'fixtures', 'tiny-opt') : path.join(CACHE, `${preset}-checkpoint`);
   const modelDir = path.join(CACHE, `${preset}-model`);
   fs.mkdirSync(CACHE, { recursive: true });
+  // bench/real-size.ts makes and exports the real-size models (bfloat16, sharded): used as they are.
+  if (preset.startsWith('real-size')) {
+    if (!fs.existsSync(path.join(modelDir, 'manifest.json'))) throw new Error(`${modelDir} is missing: run bench/real-size.ts first`);
+    return { checkpoint, modelDir };
+  }
   if (preset !== 'tiny' && !fs.existsSync(path.join(checkpoint, 'model.safetensors'))) {
     run(pythonBin(), ['-m', 'blip2_export.tiny', checkpoint, '--preset', preset, '--seed', '1'], path.join(ROOT, 'export'));
   }
@@ -233,7 +238,10 @@ export async function makeRequests(modelDir: string, count: number, prompts: str
   const out: RequestInput[] = [];
   for (let k = 0; k < count; k++) {
     const inputs = await processor.process({ images: seededImage(k), text: prompts[k % prompts.length] });
-    out.push({ pixels: (await inputs.pixelValues.toArray()) as Float32Array, ids: (await inputs.inputIds.toList()).map(Number) });
+    // float32 whatever the folder's dtype (a bfloat16 model's processor gives bfloat16 pixels).
+    const pixels = await inputs.pixelValues.to({ dtype: 'float32' });
+    out.push({ pixels: (await pixels.toArray()) as Float32Array, ids: (await inputs.inputIds.toList()).map(Number) });
+    pixels.dispose();
     inputs.pixelValues.dispose();
     inputs.inputIds.dispose();
     inputs.attentionMask.dispose();
