@@ -27,6 +27,15 @@ int64_t OptionInt(Napi::Object object, const char* key, int64_t fallback, int64_
   return static_cast<int64_t>(d);
 }
 
+// A number option in (above, at_most]; lib/ has checked it with the same range and message.
+double OptionNumber(Napi::Object object, const char* key, double fallback, double above, double at_most, const char* expected) {
+  Napi::Value v = object.Get(key);
+  if (v.IsUndefined()) return fallback;
+  double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : above;
+  if (!(d > above && d <= at_most)) throw InvalidArgument(std::string("scheduler.") + key, v.ToString().Utf8Value(), expected);
+  return d;
+}
+
 bool IsFloating(at::ScalarType t) { return t == at::kFloat || t == at::kHalf || t == at::kBFloat16 || t == at::kDouble; }
 bool IsIndex(at::ScalarType t) { return t == at::kLong || t == at::kInt; }
 
@@ -145,11 +154,7 @@ Napi::Value NativeBlip2Model::Load(const Napi::CallbackInfo& info) {
     options.prefill_chunk = OptionInt(s, "prefillChunk", 0, 1);  // 0: the Scheduler picks (device, export)
     options.encode_batch = OptionInt(s, "encodeBatch", 0, 1);
     options.encode_layers = OptionInt(s, "encodeLayersPerStep", 0, 1);  // 0: from measured costs (CPU)
-    if (Napi::Value v = s.Get("stallBudget"); !v.IsUndefined()) {
-      double d = v.IsNumber() ? v.As<Napi::Number>().DoubleValue() : -1;
-      if (!(d > 0 && d <= 64)) throw InvalidArgument("scheduler.stallBudget", v.ToString().Utf8Value(), "a number of decode steps above 0, at most 64");
-      options.stall_budget = d;
-    }
+    options.stall_budget = OptionNumber(s, "stallBudget", options.stall_budget, 0, 64, "a number of decode steps above 0, at most 64");
     options.batch_wait_us = static_cast<int64_t>(OptionInt(s, "batchWaitUs", options.batch_wait_us, 0));
     if (options.max_length > spec.max_length) {
       throw InvalidArgument("maxLength", std::to_string(options.max_length), "at most the model's " + std::to_string(spec.max_length) + " positions");

@@ -278,7 +278,7 @@ void Scheduler::PublishStats() {
 }
 
 int64_t Scheduler::PrefillBudget() const {
-  // Auto (CPU, fused step): as many prompt positions as add about one pure decode step to the
+  // Auto (CPU, fused step): as many prompt positions as add stall_budget pure decode steps to the
   // step that carries them, once both costs are measured; the fixed chunk before that.
   if (!adaptive_chunk_ || pure_step_ms_ <= 0 || prompt_position_ms_ <= 0) return options_.prefill_chunk;
   return std::clamp<int64_t>(static_cast<int64_t>(options_.stall_budget * pure_step_ms_ / prompt_position_ms_), kMinStepPrefill, kMaxStepPrefill);
@@ -312,7 +312,7 @@ bool Scheduler::Cycle() {
   DropClosedAndCancelled();
   try {
     Admit();
-    // The cycle's extra work beside the decode step is sized to about one pure step: the prompt
+    // The cycle's extra work beside the decode step is sized to stall_budget pure steps: the prompt
     // chunk first (its calls are closer to their first token), then vision layers with what is left.
     auto started = std::chrono::steady_clock::now();
     Prefill();

@@ -55,8 +55,8 @@ struct SchedulerOptions {
   // the CPU, 16 on CUDA.
   int64_t encode_batch = 0;
   // Vision layers of an encode run per cycle while sequences decode, where the export has the
-  // staged methods; 0: on the CPU as many as fit beside the prompt chunk in about one pure decode
-  // step (measured), on CUDA the whole encode at once.
+  // staged methods; 0: on the CPU as many as fit beside the prompt chunk in stall_budget pure
+  // decode steps (measured), on CUDA the whole encode at once.
   int64_t encode_layers = 0;
   // The work for arriving calls (vision layers, prompt positions) a cycle may add beside its decode
   // step, in pure decode steps (CPU, from the measured costs): running sequences wait about

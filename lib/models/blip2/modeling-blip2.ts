@@ -53,8 +53,8 @@ export interface FromPretrainedOptions {
    * prompts interleave with decoding: smaller holds running sequences up less, larger admits new
    * calls faster (with nothing decoding, up to 2048 go at once). An OPT export with the `step`
    * method (this exporter's) writes them inside the decode step's own language-model call, one
-   * pass over the weights for both. Default on the CPU with `step`: as many as add about one decode
-   * step to the step that carries them, from the costs the model measures as it runs (16 to 256;
+   * pass over the weights for both. Default on the CPU with `step`: as many as add `stallBudget`
+   * decode steps to the step that carries them, from the costs the model measures as it runs (16 to 256;
    * 64 until measured); 256 without `step`, 1024 on CUDA. Measured on 2 Zen 5 cores, mid-size
    * model, calls arriving out of step: a 16-row decode step takes ~20 ms, with a chunk of 64
    * prompt tokens in it ~50 ms; a separate prefill call costs ~0.7 ms per prompt token
@@ -71,8 +71,8 @@ export interface FromPretrainedOptions {
    * Vision layers of an image encode run per cycle while other sequences decode, so that an encode
    * (a ViT-g one is ~15 decode steps of OPT-2.7B on a CPU) is spread over several steps instead of
    * holding them all up at once. Exports from this version on have the staged methods; older ones
-   * are encoded whole. Default on the CPU: as many as fit, beside the prompt chunk, in about one
-   * decode step (measured as the model runs); on CUDA the whole encode at once.
+   * are encoded whole. Default on the CPU: as many as fit, beside the prompt chunk, in `stallBudget`
+   * decode steps (measured as the model runs); on CUDA the whole encode at once.
    */
   encodeLayersPerStep?: number;
   /**
