@@ -261,6 +261,28 @@ describe('serving: continuous batching on one scheduler per model', function () 
     }
   });
 
+  it('the batchWaitMs window restarts with each arrival: a trickle of calls each closer than it shares one encode', async () => {
+    // Five calls 20 ms apart span 80 ms, more than one 60 ms window from the first: a window that
+    // did not restart would admit the first ones alone and leave the rest to encodes of their own.
+    const waiting = await Blip2ForConditionalGeneration.fromPretrained(tinyOptModel(), { maxBatchSize: 8, batchWaitMs: 60 });
+    try {
+      const list = jobs(5, 13).map((job) => ({ ...job, options: { maxNewTokens: 3 } }));
+      const want = await Promise.all(list.map((job) => runJob(waiting, job)));
+      const before = waiting.stats();
+      const calls: Array<Promise<number[][]>> = [];
+      for (const job of list) {
+        calls.push(runJob(waiting, job));
+        await new Promise((resolve) => setTimeout(resolve, 20));
+      }
+      assert.deepEqual(await Promise.all(calls), want);
+      const after = waiting.stats();
+      assert.equal(after.imageEncodes - before.imageEncodes, 1, 'one vision batch for the five calls');
+      assert.equal(after.encodedImages - before.encodedImages, 5);
+    } finally {
+      await waiting.dispose();
+    }
+  });
+
   it('matches transformers 4.45.1 while batched with other calls (fixture generations)', async () => {
     const gens = expected().generations.filter((g) => !g.kwargs.num_beams || g.kwargs.num_beams === 1 || g.kwargs.num_beams === 3);
     const results = await Promise.all(gens.map((g) => model.generate({ pixelValues: pixels(g.image), inputIds: ids(g.input_ids) }, {

@@ -141,6 +141,9 @@ constexpr int64_t kIdleEncodeImages = 16;
 // dear (it still adds at most ~one step on the mid model), and the fixed chunk's ceiling.
 constexpr int64_t kMinStepPrefill = 16;
 constexpr int64_t kMaxStepPrefill = 256;
+// An idle model's wait for calls to encode together ends batch_wait_us after the latest arrival,
+// and at most this many of those windows after the first.
+constexpr int kBatchWaitWindows = 8;
 
 std::exception_ptr Disposed() {
   return std::make_exception_ptr(Error(ErrorCode::kDisposed, "the model was disposed before this generate() call finished"));
@@ -442,7 +445,17 @@ void Scheduler::Admit() {
         }
         return disposing_ || rows >= free || batch >= encode_limit;
       };
-      arrived_.wait_until(lock, queue_.front()->queued_at + std::chrono::microseconds(options_.batch_wait_us), enough);
+      // The window restarts with each arrival (calls that finished together come back one JS
+      // callback after another: 16 take longer than one window), up to kBatchWaitWindows windows
+      // after the first.
+      const auto window = std::chrono::microseconds(options_.batch_wait_us);
+      const auto cap = queue_.front()->queued_at + kBatchWaitWindows * window;
+      while (!enough()) {
+        const auto until = std::min(queue_.back()->queued_at + window, cap);
+        if (std::chrono::steady_clock::now() >= until) break;
+        arrived_.wait_until(lock, until);
+        if (queue_.empty()) break;
+      }
     }
     while (!queue_.empty()) {
       const auto& next = queue_.front();

@@ -65,9 +65,11 @@ struct SchedulerOptions {
   // 6.4 req/s (the arriving calls' encodes and prompts no longer keep the 16 slots filled: 6.5 rows
   // per step); 2 gave 8.6 req/s (13.2 rows) at p99 118 ms, as before the budget (bench/RESULTS.md).
   double stall_budget = 2.0;
-  // An idle model waits this long after a call arrives for more to encode with it (calls that
-  // finished together come back a few ms apart): their images are encoded and their prompts
-  // prefilled together, and their sequences then decode in step.
+  // An idle model waits for more calls to encode with the first until none has arrived for this
+  // long (calls that finished together come back one JS callback after another), 8 times this
+  // after the first at most: their images are encoded and their prompts prefilled together, and
+  // their sequences then decode in step. A window from the first call alone split such waves on
+  // the mid model (16 calls: 2.1-2.4 images per encode, 9-10 rows per step in 2 rounds of 3).
   int64_t batch_wait_us = 2000;
 };
 

@@ -89,8 +89,10 @@ export interface FromPretrainedOptions {
    */
   stallBudget?: number;
   /**
-   * Milliseconds an idle model waits, after a call arrives, for more calls to encode with it (calls
-   * that finished together come back a few ms apart). 0 admits at once. Default 2.
+   * Milliseconds an idle model waits for more calls to encode with the one that arrived: until no
+   * call has arrived for this long (calls that finished together come back one callback after
+   * another), at most 8 times this after the first, or until the free slots or a batch of 16
+   * images are filled. 0 admits at once. Default 2.
    */
   batchWaitMs?: number;
 }
