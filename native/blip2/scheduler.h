@@ -60,11 +60,13 @@ struct SchedulerOptions {
   int64_t encode_layers = 0;
   // The work for arriving calls (vision layers, prompt positions) a cycle may add beside its decode
   // step, in pure decode steps (CPU, from the measured costs): running sequences wait about
-  // 1 + stall_budget steps' time at most between two tokens. 2: on 2 Intel Xeon cores with the mid
-  // model and calls arriving out of step, 1 held the gaps between two tokens to p99 74 ms but gave
-  // 6.4 req/s (the arriving calls' encodes and prompts no longer keep the 16 slots filled: 6.5 rows
-  // per step); 2 gave 8.6 req/s (13.2 rows) at p99 118 ms, as before the budget (bench/RESULTS.md).
-  double stall_budget = 2.0;
+  // 1 + stall_budget steps' time at most between two tokens. 1: a prefill or an encode stalls them
+  // by about one step. On 2 Intel Xeon cores with the mid model and calls arriving out of step, 1
+  // held the gaps between two tokens to ~2 pure steps (p99 66-81 ms) at 5.2-6.5 req/s: the
+  // arriving calls' encodes and prompts (~60% of the compute at full speed) no longer keep the 16
+  // slots filled (6 rows per step); 2 gave 8.6 req/s at p99 118 ms. Calls arriving together (an
+  // idle model) are not bounded by it: 16 in step ran at 4.3x one-by-one either way (bench/RESULTS.md).
+  double stall_budget = 1.0;
   // An idle model waits for more calls to encode with the first until none has arrived for this
   // long (calls that finished together come back one JS callback after another), 8 times this
   // after the first at most: their images are encoded and their prompts prefilled together, and

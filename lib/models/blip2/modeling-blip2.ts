@@ -78,12 +78,14 @@ export interface FromPretrainedOptions {
   /**
    * How much work for arriving calls (their image encode and prompt) a decode step may carry while
    * other sequences decode, in units of a decode step's own time, measured as the model runs (CPU):
-   * running sequences then wait about 1 + stallBudget steps at most between two tokens. Larger
-   * admits arriving calls faster, for more requests/s when calls arrive out of step. Measured on 2
-   * Intel Xeon cores, mid-size model, 16 clients 70 ms apart (bench/RESULTS.md): 1 gave gaps
-   * between two tokens of p99 66-74 ms at 6.4-6.5 req/s (too little admission work per step to
-   * keep the slots filled); 1.6 gave p99 112 ms at 8.3 req/s; 2 p99 118 ms at 8.6 req/s. Default 2:
-   * requests/s first; 1 for the smoothest streams.
+   * running sequences then wait about 1 + stallBudget steps at most between two tokens. Default 1:
+   * an arriving call stalls the running ones by about one step. Larger admits arriving calls
+   * faster, for more requests/s when calls arrive out of step and their encodes and prompts are a
+   * large part of the work. Measured on 2 Intel Xeon cores, mid-size model, 16 clients 70 ms apart
+   * (bench/RESULTS.md): 1 gave gaps between two tokens of p99 66-81 ms at 5.2-6.5 req/s (too little
+   * admission work per step to keep the slots filled); 1.6 gave p99 112 ms at 8.3 req/s; 2 p99
+   * 118 ms at 8.6 req/s. Calls arriving at an idle model together are admitted at once whatever
+   * the budget.
    * With prefillChunk given, that chunk is taken as it is and image layers get what is left; on
    * CUDA (where host-side times are not costs) neither is sized by it.
    */
