@@ -59,6 +59,24 @@ function jobs(count: number, seed: number): Job[] {
   });
 }
 
+/**
+ * Submits `list` to an idle `model` one call after another, `pause` between two, and asserts the
+ * results equal `want` and that all the calls' images went through one vision batch.
+ */
+async function assertSharedEncode(model: Blip2ForConditionalGeneration, list: Job[], want: number[][][],
+  pause: () => Promise<unknown>): Promise<void> {
+  const before = model.stats();
+  const calls: Array<Promise<number[][]>> = [];
+  for (const job of list) {
+    calls.push(runJob(model, job));
+    await pause();
+  }
+  assert.deepEqual(await Promise.all(calls), want);
+  const after = model.stats();
+  assert.equal(after.imageEncodes - before.imageEncodes, 1, `one vision batch for the ${list.length} calls`);
+  assert.equal(after.encodedImages - before.encodedImages, list.length);
+}
+
 describe('serving: continuous batching on one scheduler per model', function () {
   this.timeout(600_000);
   let model: Blip2ForConditionalGeneration;
@@ -244,17 +262,8 @@ describe('serving: continuous batching on one scheduler per model', function () 
     try {
       const list = jobs(6, 11).map((job) => ({ ...job, options: { maxNewTokens: 4 } }));
       const want = await Promise.all(list.map((job) => runJob(eager, job)));
-      const before = waiting.stats();
       // Submitted a macrotask apart, as callers woken one by one would be.
-      const calls: Array<Promise<number[][]>> = [];
-      for (const job of list) {
-        calls.push(runJob(waiting, job));
-        await new Promise((resolve) => setImmediate(resolve));
-      }
-      assert.deepEqual(await Promise.all(calls), want);
-      const after = waiting.stats();
-      assert.equal(after.imageEncodes - before.imageEncodes, 1, 'one vision batch for the six calls');
-      assert.equal(after.encodedImages - before.encodedImages, 6);
+      await assertSharedEncode(waiting, list, want, () => new Promise((resolve) => setImmediate(resolve)));
     } finally {
       await waiting.dispose();
       await eager.dispose();
@@ -268,16 +277,7 @@ describe('serving: continuous batching on one scheduler per model', function () 
     try {
       const list = jobs(5, 13).map((job) => ({ ...job, options: { maxNewTokens: 3 } }));
       const want = await Promise.all(list.map((job) => runJob(waiting, job)));
-      const before = waiting.stats();
-      const calls: Array<Promise<number[][]>> = [];
-      for (const job of list) {
-        calls.push(runJob(waiting, job));
-        await new Promise((resolve) => setTimeout(resolve, 20));
-      }
-      assert.deepEqual(await Promise.all(calls), want);
-      const after = waiting.stats();
-      assert.equal(after.imageEncodes - before.imageEncodes, 1, 'one vision batch for the five calls');
-      assert.equal(after.encodedImages - before.encodedImages, 5);
+      await assertSharedEncode(waiting, list, want, () => new Promise((resolve) => setTimeout(resolve, 20)));
     } finally {
       await waiting.dispose();
     }

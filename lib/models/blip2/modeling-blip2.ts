@@ -93,8 +93,8 @@ export interface FromPretrainedOptions {
   /**
    * Milliseconds an idle model waits for more calls to encode with the one that arrived: until no
    * call has arrived for this long (calls that finished together come back one callback after
-   * another), at most 8 times this after the first, or until the free slots or a batch of 16
-   * images are filled. 0 admits at once. Default 2.
+   * another), at most 8 times this after the first, or until the free slots or an image batch (16,
+   * or encodeBatch if larger) are filled. 0 admits at once. Default 2.
    */
   batchWaitMs?: number;
 }
